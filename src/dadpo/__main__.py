@@ -1,0 +1,3 @@
+from dadpo.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""The `dadpo` command line: one subcommand per job, `--help` at every level."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from dadpo.errors import DadpoError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage as one line (exit 2) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer (default 256)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), >0 samples")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--batch-size", type=int, default=16, help="prompts per left-padded batch (default 16)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+
+def add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--model", default=default, required=default is None,
+                   help="hub id, local directory, .gguf file or alias (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default float32)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off)")
+
+
+#: (module with `register(subparsers)`, command, summary) for each stage's commands
+STAGES = (
+    ("dadpo.prune.cli", "prune", "prune a model to a parameter ratio"),
+    ("dadpo.recover.cli", "recover", "distil a pruned student from its teacher"),
+    ("dadpo.evaluate.cli", "evaluate", "compare students with the teacher"),
+    ("dadpo.pipeline_cli", "run", "run a recipe YAML end to end"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dadpo import __version__
+    from dadpo.models import DEFAULT_MODEL
+
+    parser = _Parser(prog="dadpo", description=(
+        "Prune a chat LLM, recover it by distillation from its teacher (daDPO and baselines), "
+        "and evaluate it against the teacher."))
+    parser.add_argument("--version", action="version", version=f"dadpo {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="answer a prompt set with a model (batched, resumable JSONL)",
+                       description="Answer every prompt of a prompt set with a chat model. Output rows are "
+                       "appended per batch to OUT.part and renamed to OUT at the end; rerunning the same "
+                       "command after an interruption resumes where it stopped.")
+    add_model_args(g, DEFAULT_MODEL)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", help="prompt set: file, directory, alias (dolly, vicuna_bench, mt_bench, "
+                     "self_instruct, alpaca_eval, lima, alpaca_demo) or hub id")
+    src.add_argument("--prompt", action="append", help="a single prompt (repeatable); answers go to stdout")
+    g.add_argument("--format", help="dataset format (default: detected from the fields)")
+    g.add_argument("--limit", type=int, help="answer only the first N prompts")
+    g.add_argument("--out", help="output JSONL (required with --prompts)")
+    g.add_argument("--overwrite", action="store_true", help="discard an existing --out instead of resuming")
+    add_generation_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    for module, name, what in STAGES:
+        try:
+            register = importlib.import_module(module).register
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            s = sub.add_parser(name, help=f"{what} (not implemented yet)", description=f"{what}.")
+            s.set_defaults(func=_not_implemented)
+        else:
+            register(sub)
+    return parser
+
+
+def _not_implemented(args) -> int:
+    raise DadpoError(f"`dadpo {args.command}` is not implemented yet")
+
+
+def cmd_generate(args) -> int:
+    from dadpo.data import PromptRecord, load_prompts
+    from dadpo.generation import GenerationConfig, generate_to_file
+    from dadpo.models import load_model, resolve_model
+
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                           batch_size=args.batch_size, seed=args.seed)
+    if args.prompts:
+        if not args.out:
+            raise DadpoError("--out is required with --prompts")
+        if args.limit is not None and args.limit < 1:
+            raise DadpoError(f"--limit: must be ≥ 1, got {args.limit}")
+        records = load_prompts(args.prompts, fmt=args.format)[: args.limit]
+        if Path(args.out).is_dir():
+            raise DadpoError(f"--out {args.out} is a directory; give a .jsonl file")
+    else:
+        records = [PromptRecord(str(i), [{"role": "user", "content": p}]) for i, p in enumerate(args.prompt)]
+    resolve_model(args.model)  # fail on a bad spec before any heavy work
+    model, tok = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    if args.prompt:
+        from dadpo.generation import answer_records
+
+        rows = []
+        for start in range(0, len(records), cfg.batch_size):
+            rows += answer_records(model, tok, records[start:start + cfg.batch_size], cfg)
+        for row in rows:
+            print(row["response"] + "\n")
+        return 0
+    rows = generate_to_file(model, tok, records, cfg, args.out, model_name=args.model, overwrite=args.overwrite)
+    n_tok = sum(r["new_tokens"] for r in rows)
+    print(f"wrote {len(rows)} answers ({n_tok} new tokens) to {args.out}")
+    return 0
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_warning() if verbose else hf_logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args) or 0
+    except DadpoError as e:
+        print(f"dadpo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dadpo {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130

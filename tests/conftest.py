@@ -1,0 +1,46 @@
+"""Shared fixtures: the real data in ../shared/data and the real embedded SmolLM2 model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("DADPO_TEST_DATA", REPO.parent / "shared" / "data"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The test data folder (`$DADPO_TEST_DATA`, default ../shared/data beside the repo)."""
+    if not (DATA_DIR / "README.md").is_file():
+        pytest.fail(f"test data not found at {DATA_DIR}; set DADPO_TEST_DATA")
+    return DATA_DIR
+
+
+@pytest.fixture
+def data_aliases(data_dir, monkeypatch):
+    """Make dataset aliases (dolly, vicuna_bench, ...) resolve to the test data folder."""
+    monkeypatch.setenv("DADPO_DATA_DIR", str(data_dir))
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per test session."""
+    from dadpo.models import load_model
+
+    return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm_dir() -> Path:
+    """The cached safetensors directory of the embedded model."""
+    from dadpo.models import resolve_model
+
+    return Path(resolve_model("smollm2-135m-instruct"))
