@@ -80,7 +80,7 @@ def _alpaca_eval(row: dict, i: int) -> PromptRecord:
 def _fastchat(row: dict, i: int) -> PromptRecord:
     refs = row.get("reference") or []
     return PromptRecord(str(row["question_id"]), [_user(t) for t in row["turns"]],
-                        refs[0] if refs else None, row.get("category"), {"references": refs} if refs else {})
+                        (refs[0] or None) if refs else None, row.get("category"), {"references": refs} if refs else {})
 
 
 def _self_instruct(row: dict, i: int) -> PromptRecord:

@@ -1,12 +1,14 @@
 """Batched chat generation with crash-safe, resumable JSONL output.
 
-Rows go to `OUT.part` one batch per single append+fsync; the file is renamed to `OUT` when every prompt
-is answered. A rerun of the same command reads both, skips answered ids and carries on.
+Rows go to `OUT.part` one batch per single append+fsync; when every prompt is answered, `OUT` is written
+atomically in prompt order and the part file removed. A rerun of the same command reads both, skips
+answered ids and carries on.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -17,7 +19,7 @@ from tqdm.auto import tqdm
 
 from dadpo.data import PromptRecord, chat_prompt
 from dadpo.errors import DadpoError
-from dadpo.io import append_jsonl, read_jsonl, truncate_torn_tail
+from dadpo.io import append_jsonl, atomic_write_text, read_jsonl, truncate_torn_tail
 from dadpo.models import chat_end_token_ids
 
 
@@ -130,10 +132,11 @@ def generate_to_file(model, tok, records: list[PromptRecord], cfg: GenerationCon
             done.update((row["id"], row) for row in rows)
             bar.update(len(rows))
         bar.close()
-    if part.exists():
-        os.replace(part, out)
-    order = {r.id: k for k, r in enumerate(records)}
-    return sorted((done[r.id] for r in records), key=lambda row: order[row["id"]])
+    rows = [done[r.id] for r in records]
+    if part.exists():  # finished: the final file holds the rows in prompt order
+        atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        part.unlink()
+    return rows
 
 
 def _existing_rows(out: Path, part: Path, stamp: dict) -> dict[str, dict]:

@@ -1,0 +1,93 @@
+"""Batched generation on the real SmolLM2: answers, multi-turn, resume, settings checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dadpo.data import PromptRecord, load_prompts
+from dadpo.errors import DadpoError
+from dadpo.generation import GenerationConfig, answer_records, generate_to_file
+
+
+def _rec(i, *turns):
+    return PromptRecord(str(i), [{"role": "user", "content": t} for t in turns])
+
+
+def test_greedy_answer_knows_paris(smollm):
+    model, tok = smollm
+    row = answer_records(model, tok, [_rec(0, "What is the capital of France?")],
+                         GenerationConfig(max_new_tokens=32))[0]
+    assert "Paris" in row["response"]
+    assert row["finish_reason"] == "stop" and "<|im_end|>" not in row["response"]
+
+
+def test_left_padded_batch_matches_single_greedy(smollm):
+    model, tok = smollm
+    recs = [_rec(0, "Name three primary colors."), _rec(1, "What is 2+2? Answer with one number only, no words.")]
+    cfg = GenerationConfig(max_new_tokens=24, batch_size=2)
+    batched = [r["response"] for r in answer_records(model, tok, recs, cfg)]
+    single = [answer_records(model, tok, [r], cfg)[0]["response"] for r in recs]
+    assert batched == single
+
+
+def test_sampling_is_seeded(smollm):
+    model, tok = smollm
+    recs = [_rec(0, "Write one sentence about the sea.")]
+    a = answer_records(model, tok, recs, GenerationConfig(max_new_tokens=20, temperature=1.0, seed=1))
+    b = answer_records(model, tok, recs, GenerationConfig(max_new_tokens=20, temperature=1.0, seed=1))
+    c = answer_records(model, tok, recs, GenerationConfig(max_new_tokens=20, temperature=1.0, seed=2))
+    assert a[0]["response"] == b[0]["response"] != c[0]["response"]
+
+
+def test_second_turn_sees_first_answer(smollm, data_dir):
+    model, tok = smollm
+    rec = load_prompts(str(data_dir / "mt_bench/question.jsonl"))[0]
+    row = answer_records(model, tok, [rec], GenerationConfig(max_new_tokens=12))[0]
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert len(row["responses"]) == 2 and row["messages"][1]["content"] == row["responses"][0]
+    assert row["response"] == row["responses"][1]
+
+
+def test_resume_after_interruption_and_settings_guard(smollm, tmp_path):
+    model, tok = smollm
+    recs = [_rec(i, f"Say the number {i}.") for i in range(5)]
+    cfg = GenerationConfig(max_new_tokens=8, batch_size=2)
+    out = tmp_path / "answers.jsonl"
+    full = generate_to_file(model, tok, recs, cfg, out, model_name="m", progress=False)
+    assert [r["id"] for r in full] == [str(i) for i in range(5)] and out.exists()
+    # simulate a run killed mid-append: 2 complete rows and a torn third line in OUT.part, no OUT
+    lines = out.read_text().splitlines(keepends=True)
+    part = tmp_path / "answers.jsonl.part"
+    part.write_text("".join(lines[:2]) + lines[2][:15])
+    out.unlink()
+    calls = []
+    orig = answer_records
+
+    def counting(model, tok, batch, cfg):
+        calls.append([r.id for r in batch])
+        return orig(model, tok, batch, cfg)
+
+    import dadpo.generation as gen
+
+    gen.answer_records, saved = counting, gen.answer_records
+    try:
+        resumed = generate_to_file(model, tok, recs, cfg, out, model_name="m", progress=False)
+    finally:
+        gen.answer_records = saved
+    done_before = {json.loads(line)["id"] for line in lines[:2]}
+    assert sorted(i for c in calls for i in c) == sorted({str(i) for i in range(5)} - done_before)
+    assert [r["response"] for r in resumed] == [r["response"] for r in full]
+    assert not part.exists() and len(out.read_text().splitlines()) == 5
+    with pytest.raises(DadpoError, match="other settings"):
+        generate_to_file(model, tok, recs, GenerationConfig(max_new_tokens=9), out, model_name="m")
+    again = generate_to_file(model, tok, recs[:2], GenerationConfig(max_new_tokens=9), out, model_name="m",
+                             overwrite=True, progress=False)
+    assert len(again) == 2 and len(out.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"batch_size": 0}])
+def test_bad_generation_settings(bad):
+    with pytest.raises(DadpoError, match=next(iter(bad)).replace("_", "-")):
+        GenerationConfig(**bad)
