@@ -41,7 +41,7 @@ STAGES = (
     ("dadpo.prune.cli", "prune", "prune a model to a parameter ratio"),
     ("dadpo.recover.cli", "recover", "distil a pruned student from its teacher"),
     ("dadpo.evaluate.cli", "evaluate", "compare students with the teacher"),
-    ("dadpo.pipeline_cli", "run", "run a recipe YAML end to end"),
+    ("dadpo.pipeline_cli", "run", "run a recipe YAML end to end (also prune-recover, demo, bench)"),
 )
 
 

@@ -1,0 +1,74 @@
+"""The stage runner: manifests, skip on unchanged hash, rerun downstream on change, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dadpo.pipeline import MANIFEST, PENDING, Stage, run_stages
+
+
+class Recorder:
+    """Stages that write a file and record each call (the runner, not the stages, is under test)."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, bool]] = []
+        self.fail_in: str | None = None
+
+    def stage(self, name, config, upstream=()):
+        def run(d, resume):
+            self.calls.append((name, resume))
+            (d / "work.txt").write_text(f"{name}:{config}")
+            if self.fail_in == name:
+                raise KeyboardInterrupt  # a kill mid-stage
+            return {"value": config.get("x", 0)}
+
+        return Stage(name, dict(config), run, list(upstream))
+
+
+def plan(rec, x=1, y=2, z=3):
+    return [rec.stage("prune", {"x": x}), rec.stage("recover", {"x": y}, ["prune"]),
+            rec.stage("evaluate", {"x": z}, ["prune", "recover"])]
+
+
+def test_rerun_skips_unchanged_and_reruns_changed_plus_downstream(tmp_path):
+    rec = Recorder()
+    lines = []
+    run_stages(tmp_path, plan(rec), lines.append)
+    assert [c[0] for c in rec.calls] == ["prune", "recover", "evaluate"]
+    for name in ("prune", "recover", "evaluate"):
+        m = json.loads((tmp_path / name / MANIFEST).read_text())
+        assert m["stage"] == name and len(m["hash"]) == 16 and not (tmp_path / name / PENDING).exists()
+    rec.calls.clear()
+    results = run_stages(tmp_path, plan(rec), lines.append)
+    assert rec.calls == [] and results["recover"] == {"value": 2}
+    assert sum("skipped" in line for line in lines) == 3
+    rec.calls.clear()
+    run_stages(tmp_path, plan(rec, y=5), lines.append)  # recover changed → recover and evaluate rerun
+    assert [c[0] for c in rec.calls] == ["recover", "evaluate"]
+    rec.calls.clear()
+    run_stages(tmp_path, plan(rec, x=7, y=5), lines.append)  # upstream change ripples down
+    assert [c[0] for c in rec.calls] == ["prune", "recover", "evaluate"]
+
+
+def test_killed_stage_resumes_and_is_never_taken_as_done(tmp_path):
+    rec = Recorder()
+    rec.fail_in = "recover"
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(tmp_path, plan(rec), lambda s: None)
+    assert not (tmp_path / "recover" / MANIFEST).exists() and (tmp_path / "recover" / PENDING).exists()
+    rec.fail_in, rec.calls = None, []
+    run_stages(tmp_path, plan(rec), lambda s: None)
+    assert rec.calls == [("recover", True), ("evaluate", False)]  # same hash: resumed, prune not redone
+
+
+def test_killed_stage_with_changed_config_starts_afresh(tmp_path):
+    rec = Recorder()
+    rec.fail_in = "recover"
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(tmp_path, plan(rec), lambda s: None)
+    (tmp_path / "recover" / "stale.bin").write_text("old")
+    rec.fail_in, rec.calls = None, []
+    run_stages(tmp_path, plan(rec, y=9), lambda s: None)
+    assert rec.calls[0] == ("recover", False) and not (tmp_path / "recover" / "stale.bin").exists()
