@@ -1,0 +1,112 @@
+"""`RecoverConfig`: every hyper-parameter of a recover run, validated up front (no model is loaded here).
+
+A recipe YAML embeds it as its `recover:` section; `dadpo recover` builds it from its flags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dadpo.errors import DadpoError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KDConfig(_Section):
+    """Token-level KD term on teacher responses, from the teacher's cached top-k log-probs."""
+
+    kind: Literal["fwd", "rev", "jsd"] = "fwd"
+    top_k: int = Field(20, ge=1, description="teacher log-probs kept per position (the rest is one tail bucket)")
+    weight: float = Field(0.0, ge=0, description="KD weight added to a preference loss; method kd uses 1 if 0")
+    jsd_beta: float = Field(0.5, ge=0, le=1, description="β of generalized JSD (0 = forward KL, 1 = reverse)")
+
+
+class LoraConfig(_Section):
+    """peft LoRA on the student; merged back into it on save."""
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+class SamplingConfig(_Section):
+    """How teacher (chosen) and student (rejected) responses are sampled, once, before training."""
+
+    max_new_tokens: int = Field(192, ge=1)
+    temperature: float = Field(0.7, ge=0, description="0 = greedy")
+    top_p: float = Field(0.95, gt=0, le=1)
+    batch_size: int = Field(16, ge=1)
+    student_from: Literal["dsft", "student"] = Field(
+        "dsft", description="sample rejected responses from the dSFT model (paper) or the raw student")
+
+
+class DSFTConfig(_Section):
+    """The distilled-SFT stage that turns the student into π_ref."""
+
+    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(5e-5, gt=0)
+
+
+class RecoverConfig(_Section):
+    """A recover run: dSFT → pairs → scoring → preference/KD training. `method` picks the last stage:
+    dsft (stop after dSFT), kd (token KD), dpo (dDPO, β1 only), dadpo (β1·Δ_ref + β2·Δ_te)."""
+
+    method: Literal["dsft", "kd", "dpo", "dadpo"] = "dadpo"
+    beta1: float = Field(0.1, description="β1: weight of the KL to π_ref (the DPO β)")
+    beta2: float = Field(0.1, description="β2: weight of the KL to the teacher (daDPO only)")
+    kd: KDConfig = Field(default_factory=KDConfig)
+    lr: float = Field(5e-6, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(4, ge=1, description="pairs (or sequences for dSFT/KD) per device step")
+    grad_accum: int = Field(1, ge=1)
+    max_prompt_len: int = Field(256, ge=1, description="prompt tokens kept (cut from the left)")
+    max_response_len: int = Field(256, ge=1, description="response tokens kept (cut from the right)")
+    lora: LoraConfig | None = Field(None, description="LoRA settings; null = full fine-tuning")
+    bf16: bool = Field(False, description="bf16 autocast for training and scoring forward passes")
+    seed: int = 0
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    save_steps: int = Field(50, ge=1, description="Trainer checkpoint every N optimizer steps (resume point)")
+    train_prompts: int | None = Field(None, ge=1, description="train on this many prompts (after the held-out)")
+    eval_prompts: int = Field(0, ge=0, description="first N prompts held out for evaluation pairs")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    dsft: DSFTConfig = Field(default_factory=DSFTConfig)
+
+    @field_validator("beta1", "beta2")
+    @classmethod
+    def _beta_positive(cls, v: float, info) -> float:
+        if v <= 0:
+            raise ValueError(f"{info.field_name} must be > 0, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _kd_weight(self) -> RecoverConfig:
+        if self.method == "kd" and self.kd.weight == 0:
+            self.kd.weight = 1.0
+        return self
+
+    @property
+    def needs_pairs(self) -> bool:
+        return self.method in ("dpo", "dadpo")
+
+    @property
+    def needs_topk(self) -> bool:
+        return self.kd.weight > 0 and self.method != "dsft"
+
+    @classmethod
+    def parse(cls, data: dict, name: Callable[[str], str] = lambda loc: f"recover.{loc}") -> RecoverConfig:
+        """Validate a dict (YAML section, CLI flags) into a config; the first error becomes one DadpoError
+        line naming the field as `name(dotted.location)` (a YAML key by default, a flag for the CLI)."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+            msg = err["msg"].removeprefix("Value error, ")
+            raise DadpoError(f"{name(loc)}: {msg}") from None

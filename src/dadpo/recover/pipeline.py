@@ -1,0 +1,336 @@
+"""`run_recover`: the whole recover chain in one output directory, every sub-step resumable.
+
+out_dir/
+  recover.json             what the run was made with (a rerun with other settings is refused)
+  teacher.jsonl            teacher responses (chosen), train + held-out prompts
+  dsft/model               the student after distilled SFT = π_ref (dsft/checkpoints while training)
+  student.jsonl            student responses (rejected), from dsft/model by default
+  scores.pt                per pair: π_ref and π_te log-probs of both responses (+ teacher top-k)
+  train/                   Trainer checkpoints and log history of the last stage
+  model/                   the recovered student, LoRA merged: a plain `from_pretrained` directory
+  metrics.json             held-out NLL of teacher responses (start / dSFT / final) and reward accuracy
+Each artefact is written under a temporary name and renamed when complete, so a killed run restarts at
+the first missing artefact, and training resumes from its last Trainer checkpoint.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dadpo.data import PromptRecord, load_prompts
+from dadpo.errors import DadpoError
+from dadpo.generation import GenerationConfig, generate_to_file
+from dadpo.io import atomic_write_json
+from dadpo.recover.config import RecoverConfig
+from dadpo.recover.forward import response_logps, teacher_topk
+from dadpo.recover.losses import dadpo_margins
+from dadpo.recover.pairs import PairCollator, encode_example
+
+log = logging.getLogger(__name__)
+
+
+def run_recover(student: str, teacher: str, prompts: str, out_dir: str | os.PathLike,
+                config: RecoverConfig | dict | None = None, overwrite: bool = False) -> dict:
+    """Recover `student` from `teacher` on `prompts` into `out_dir`; returns the metrics dict."""
+    cfg = config if isinstance(config, RecoverConfig) else RecoverConfig.parse(config or {})
+    out = Path(out_dir)
+    train_recs, eval_recs = _split(load_prompts(prompts), cfg, prompts)
+    tok = check_same_vocab(student, teacher)
+    _claim(out, {"student": str(student), "teacher": str(teacher), "prompts": str(prompts),
+                 "config": cfg.model_dump(mode="json")}, overwrite)
+    if (out / "metrics.json").is_file() and (out / "model" / "config.json").is_file():
+        import json
+
+        log.info("%s is complete; nothing to do", out)
+        return json.loads((out / "metrics.json").read_text())
+
+    teacher_rows = _generate(teacher, train_recs + eval_recs, cfg, out / "teacher.jsonl")
+    start_nll = _cached_json(out / "start_nll.json", lambda: _eval_nll(student, eval_recs, teacher_rows, cfg))
+
+    sft = [_example(tok, r, teacher_rows, None, cfg) for r in train_recs]
+    dsft_dir = _train(student, sft, cfg, "dsft", out / "dsft")
+    if cfg.method == "dsft":
+        final_dir = _copy_model(dsft_dir, out / "model")
+    else:
+        src = str(dsft_dir) if cfg.sampling.student_from == "dsft" else student
+        student_rows = _generate(src, train_recs + eval_recs, cfg, out / "student.jsonl",
+                                 name="dsft" if src != student else None) if cfg.needs_pairs else {}
+        recs = train_recs + eval_recs
+        examples = [_example(tok, r, teacher_rows, student_rows, cfg) for r in recs]
+        scores = _score(out / "scores.pt", dsft_dir, teacher, examples, len(train_recs), cfg)
+        train = [{**ex, **scores[ex["id"]]} for ex in examples[: len(train_recs)]]
+        final_dir = _train(str(dsft_dir), train, cfg, cfg.method, out / "train", out / "model")
+
+    metrics = {"start": start_nll, "method": cfg.method, "train_prompts": len(train_recs),
+               "eval_prompts": len(eval_recs)}
+    if eval_recs:
+        metrics["dsft"] = _cached_json(out / "dsft_nll.json",
+                                       lambda: _eval_nll(str(dsft_dir), eval_recs, teacher_rows, cfg))
+        metrics["final"] = _eval_nll(str(final_dir), eval_recs, teacher_rows, cfg)
+        if cfg.method != "dsft":
+            metrics["final"].update(_eval_pairs(str(final_dir), examples[len(train_recs):], scores, cfg))
+    atomic_write_json(out / "metrics.json", metrics)
+    log.info("recover done: %s", metrics)
+    return metrics
+
+
+def _split(records: list[PromptRecord], cfg: RecoverConfig, source: str
+           ) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """Held-out = the first `eval_prompts` records; train = the next `train_prompts` (default: the rest)."""
+    eval_recs = records[: cfg.eval_prompts]
+    rest = records[cfg.eval_prompts:]
+    train = rest[: cfg.train_prompts] if cfg.train_prompts else rest
+    if not train:
+        raise DadpoError(f"--prompts {source}: no training prompts left ({len(records)} prompts, "
+                         f"{cfg.eval_prompts} held out)")
+    return train, eval_recs
+
+
+def check_same_vocab(student: str, teacher: str):
+    """daDPO's teacher scores student tokens, so both must tokenise identically; returns the tokenizer."""
+    from dadpo.models import load_tokenizer
+
+    tok = load_tokenizer(student)
+    vs, vt = tok.get_vocab(), load_tokenizer(teacher).get_vocab()
+    if vs != vt:
+        raise DadpoError(f"--teacher {teacher} and --student {student} have different vocabularies "
+                         f"({len(vt)} vs {len(vs)} tokens); daDPO needs a shared tokenizer")
+    return tok
+
+
+def _claim(out: Path, manifest: dict, overwrite: bool) -> None:
+    """Record what `out` is made with; refuse to mix settings in one directory unless overwriting."""
+    import json
+
+    path = out / "recover.json"
+    if path.is_file() and not overwrite:
+        old = json.loads(path.read_text())
+        if old != manifest:
+            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+            if "config" in diff:
+                oc, nc = old.get("config", {}), manifest["config"]
+                diff = [k for k in diff if k != "config"] + sorted(
+                    f"config.{k}" for k in set(oc) | set(nc) if oc.get(k) != nc.get(k))
+            raise DadpoError(f"--out {out} holds a run made with other settings ({', '.join(diff)}); "
+                             f"use --overwrite or another --out")
+        return
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        raise DadpoError(f"--out {out} exists and is not a recover run; use --overwrite or another --out")
+    atomic_write_json(path, manifest)
+
+
+def _cached_json(path: Path, make) -> dict:
+    import json
+
+    if path.is_file():
+        return json.loads(path.read_text())
+    obj = make()
+    atomic_write_json(path, obj)
+    return obj
+
+
+def _load(spec: str):
+    from dadpo.models import load_model
+
+    return load_model(spec)
+
+
+def _generate(spec: str, records: list[PromptRecord], cfg: RecoverConfig, path: Path,
+              name: str | None = None) -> dict[str, str]:
+    """Responses of `spec` to every record (cached JSONL), as {id: response}."""
+    from dadpo.io import read_jsonl
+
+    if path.is_file():
+        rows = read_jsonl(path)
+        if {r["id"] for r in rows} >= {r.id for r in records}:
+            return {r["id"]: r["response"] for r in rows}
+    s = cfg.sampling
+    gen = GenerationConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                           batch_size=s.batch_size, seed=cfg.seed)
+    model, tok = _load(spec)
+    rows = generate_to_file(model, tok, records, gen, path, model_name=name or spec)
+    return {r["id"]: r["response"] for r in rows}
+
+
+def _example(tok, rec: PromptRecord, chosen: dict[str, str], rejected: dict[str, str] | None,
+             cfg: RecoverConfig) -> dict:
+    return encode_example(tok, rec.id, rec.messages, chosen[rec.id], (rejected or {}).get(rec.id),
+                          cfg.max_prompt_len, cfg.max_response_len)
+
+
+def _batches(examples: list[dict], size: int, pad_id: int, desc: str):
+    collate = PairCollator(pad_id)
+    for s in tqdm(range(0, len(examples), size), desc=desc, unit="batch"):
+        chunk = examples[s:s + size]
+        yield chunk, collate(chunk)
+
+
+def _autocast(cfg: RecoverConfig):
+    return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
+                          enabled=cfg.bf16)
+
+
+@torch.no_grad()
+def _sequence_scores(spec: str, examples: list[dict], cfg: RecoverConfig, prefix: str, n_topk: int = 0) -> dict:
+    """{id: {prefix_chosen_logps, prefix_rejected_logps[, topk_logps, topk_ids]}} under model `spec`;
+    top-k only for the first `n_topk` examples (the training pairs)."""
+    model, tok = _load(spec)
+    scores: dict[str, dict] = {}
+    topk_ids = {ex["id"] for ex in examples[:n_topk]} if cfg.needs_topk else set()
+    for chunk, batch in _batches(examples, cfg.batch_size, tok.pad_token_id, f"score {prefix}"):
+        with _autocast(cfg):
+            out = response_logps(model, batch["input_ids"].to(model.device),
+                                 batch["attention_mask"].to(model.device), batch["labels"].to(model.device))
+        n = len(chunk)
+        rejected = out.sums.shape[0] > n
+        for i, ex in enumerate(chunk):
+            row = scores.setdefault(ex["id"], {})
+            row[f"{prefix}_chosen_logps"] = out.sums[i].item()
+            if rejected:
+                row[f"{prefix}_rejected_logps"] = out.sums[n + i].item()
+        if any(ex["id"] in topk_ids for ex in chunk):
+            chosen = out.rows < n
+            rows = out.rows[chosen]
+            with _autocast(cfg):
+                v, ids = teacher_topk(model, out.hidden[chosen], cfg.kd.top_k)
+            for i, ex in enumerate(chunk):
+                sel = rows == i
+                scores[ex["id"]]["topk_logps"] = v[sel].float().clone()
+                scores[ex["id"]]["topk_ids"] = ids[sel].to(torch.int64).clone()
+    return scores
+
+
+def _score(path: Path, ref_dir: Path, teacher: str, examples: list[dict], n_train: int, cfg: RecoverConfig
+           ) -> dict[str, dict]:
+    """π_ref and π_te sequence log-probs of both responses per pair (teacher top-k for KD), cached in `path`."""
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    ref = _sequence_scores(str(ref_dir), examples, cfg, "ref")
+    te = _sequence_scores(teacher, examples, cfg, "teacher", n_topk=n_train)
+    scores = {k: {**ref[k], **te[k]} for k in ref}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(scores, tmp)
+    os.replace(tmp, path)
+    return scores
+
+
+def _training_args(cfg: RecoverConfig, stage: str, ckpt: Path):
+    from transformers import TrainingArguments
+
+    dsft = stage == "dsft"
+    return TrainingArguments(
+        output_dir=str(ckpt), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.dsft.lr if dsft else cfg.lr,
+        num_train_epochs=cfg.dsft.epochs if dsft else cfg.epochs, lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_ratio, logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=1, bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed, report_to="none",
+        remove_unused_columns=False, dataloader_num_workers=0, weight_decay=0.0, disable_tqdm=False)
+
+
+def build_trainer(model, tok, examples: list[dict], cfg: RecoverConfig, stage: str, ckpt: Path):
+    """A `RecoverTrainer` for `stage` on `examples` (LoRA-wrapped when the config asks for it)."""
+    from dadpo.recover.trainer import RecoverTrainer
+
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lc = cfg.lora
+        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                 target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+    model.config.use_cache = False
+    return RecoverTrainer(model=model, args=_training_args(cfg, stage, ckpt), train_dataset=examples,
+                          data_collator=PairCollator(tok.pad_token_id), recover=cfg, stage=stage)
+
+
+def _train(spec: str, examples: list[dict], cfg: RecoverConfig, stage: str, work: Path,
+           target: Path | None = None) -> Path:
+    """Train `spec` on `examples` for `stage`, resuming from work/checkpoints; save the merged model."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    target = target or work / "model"
+    if (target / "config.json").is_file():
+        return target
+    ckpt = work / "checkpoints"
+    model, tok = _load(spec)
+    trainer = build_trainer(model, tok, examples, cfg, stage, ckpt)
+    last = get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+    if last:
+        log.info("%s: resuming from %s", stage, last)
+    trainer.train(resume_from_checkpoint=last)
+    atomic_write_json(work / "log_history.json", trainer.state.log_history)
+    model = trainer.model
+    if cfg.lora:
+        model = model.merge_and_unload()
+    _save_model(model, tok, target)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    del trainer, model
+    gc.collect()
+    return target
+
+
+def _save_model(model, tok, target: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.chmod(0o755)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def _copy_model(src: Path, target: Path) -> Path:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    os.replace(tmp, target)
+    return target
+
+
+@torch.no_grad()
+def _eval_nll(spec: str, records: list[PromptRecord], teacher_rows: dict[str, str], cfg: RecoverConfig) -> dict:
+    """Per-token NLL of the held-out teacher responses under model `spec`."""
+    if not records:
+        return {}
+    model, tok = _load(spec)
+    examples = [encode_example(tok, r.id, r.messages, teacher_rows[r.id], None, cfg.max_prompt_len,
+                               cfg.max_response_len) for r in records]
+    total, count = 0.0, 0
+    for _, batch in _batches(examples, cfg.batch_size, tok.pad_token_id, "held-out NLL"):
+        out = response_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        total -= out.tokens.sum().item()
+        count += out.tokens.numel()
+    return {"nll": total / count, "tokens": count}
+
+
+@torch.no_grad()
+def _eval_pairs(spec: str, examples: list[dict], scores: dict, cfg: RecoverConfig) -> dict:
+    """Held-out pairs under the final model: mean Δ_ref/Δ_te and reward accuracy of β1·Δ_ref + β2·Δ_te > 0."""
+    if not examples or "rejected_ids" not in examples[0]:
+        return {}
+    model, tok = _load(spec)
+    d_refs, d_tes = [], []
+    for chunk, batch in _batches(examples, cfg.batch_size, tok.pad_token_id, "held-out pairs"):
+        out = response_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        n = len(chunk)
+        s = [scores[ex["id"]] for ex in chunk]
+        col = lambda key: torch.tensor([r[key] for r in s])  # noqa: E731
+        d_ref, d_te = dadpo_margins(out.sums[:n], out.sums[n:], col("ref_chosen_logps"), col("ref_rejected_logps"),
+                                    col("teacher_chosen_logps"), col("teacher_rejected_logps"))
+        d_refs.append(d_ref)
+        d_tes.append(d_te)
+    d_ref, d_te = torch.cat(d_refs), torch.cat(d_tes)
+    beta2 = cfg.beta2 if cfg.method == "dadpo" else 0.0
+    u = cfg.beta1 * d_ref + beta2 * d_te
+    return {"reward_acc": (u > 0).float().mean().item(), "ref_reward_acc": (d_ref > 0).float().mean().item(),
+            "margin_ref": d_ref.mean().item(),
+            "margin_te": d_te.mean().item(), "pairs": len(d_ref)}

@@ -1,0 +1,70 @@
+"""`RecoverTrainer`: a `transformers.Trainer` whose loss is dSFT, token KD, dDPO or daDPO.
+
+π_ref and π_te log-probs (and teacher top-k) are precomputed in the dataset, so only the policy is
+resident. Everything else — accelerate, DDP/FSDP/DeepSpeed, checkpoints, resume, logging — is the
+Trainer's own. Per-step logs add Δ_ref/Δ_te margins, reward accuracy and chosen/rejected log-probs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from dadpo.recover.config import RecoverConfig
+from dadpo.recover.forward import output_logits, response_logps
+from dadpo.recover.losses import dadpo_loss, dadpo_margins, sft_loss, token_kd_loss
+
+
+class RecoverTrainer(Trainer):
+    """Trainer for one recover stage; `stage` is "dsft" or the config's method."""
+
+    def __init__(self, *args, recover: RecoverConfig, stage: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recover, self.stage = recover, stage
+        self._stats: dict[str, list[float]] = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, stats = recover_loss(model, inputs, self.recover, self.stage)
+        for k, v in stats.items():
+            self._stats[k].append(v)
+        return (loss, {}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._stats and "loss" in logs:  # training log: add the means since the last log
+            logs.update({k: sum(v) / len(v) for k, v in self._stats.items()})
+            self._stats.clear()
+        super().log(logs, start_time)
+
+
+def recover_loss(model, inputs: dict, cfg: RecoverConfig, stage: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """The stage's loss on a collated batch, plus scalar stats to log."""
+    out = response_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+    stats: dict[str, float] = {}
+    if stage == "dsft":
+        loss = sft_loss(out.tokens)
+        stats["nll"] = loss.item()
+        return loss, stats
+    n = inputs["input_ids"].shape[0] // (2 if "ref_chosen_logps" in inputs else 1)
+    loss = torch.zeros((), device=out.tokens.device)
+    if stage in ("dpo", "dadpo"):
+        pc, pr = out.sums[:n], out.sums[n:]
+        rc, rr = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        tc, tr = inputs["teacher_chosen_logps"], inputs["teacher_rejected_logps"]
+        beta2 = cfg.beta2 if stage == "dadpo" else 0.0
+        pair = dadpo_loss(pc, pr, rc, rr, tc, tr, cfg.beta1, beta2)
+        loss = pair.mean()
+        with torch.no_grad():
+            d_ref, d_te = dadpo_margins(pc, pr, rc, rr, tc, tr)
+            u = cfg.beta1 * d_ref + beta2 * d_te
+            stats.update({"pref_loss": loss.item(), "margin_ref": d_ref.mean().item(),
+                          "margin_te": d_te.mean().item(), "reward_acc": (u > 0).float().mean().item(),
+                          "logps_chosen": pc.mean().item(), "logps_rejected": pr.mean().item()})
+    if cfg.kd.weight > 0 and "topk_logps" in inputs:
+        chosen = out.rows < n
+        logits = output_logits(model, out.hidden[chosen])
+        kd = token_kd_loss(logits, inputs["topk_logps"], inputs["topk_ids"], cfg.kd.kind, cfg.kd.jsd_beta).mean()
+        loss = loss + cfg.kd.weight * kd
+        stats["kd"] = kd.item()
+    return loss, stats
