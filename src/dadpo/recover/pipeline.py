@@ -319,13 +319,12 @@ def _eval_pairs(spec: str, examples: list[dict], scores: dict, cfg: RecoverConfi
         return {}
     model, tok = _load(spec)
     d_refs, d_tes = [], []
-    for chunk, batch in _batches(examples, cfg.batch_size, tok.pad_token_id, "held-out pairs"):
-        out = response_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    examples = [{**ex, **{k: v for k, v in scores[ex["id"]].items() if k.endswith("_logps")}} for ex in examples]
+    for chunk, b in _batches(examples, cfg.batch_size, tok.pad_token_id, "held-out pairs"):
+        out = response_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
         n = len(chunk)
-        s = [scores[ex["id"]] for ex in chunk]
-        col = lambda key: torch.tensor([r[key] for r in s])  # noqa: E731
-        d_ref, d_te = dadpo_margins(out.sums[:n], out.sums[n:], col("ref_chosen_logps"), col("ref_rejected_logps"),
-                                    col("teacher_chosen_logps"), col("teacher_rejected_logps"))
+        d_ref, d_te = dadpo_margins(out.sums[:n], out.sums[n:], b["ref_chosen_logps"], b["ref_rejected_logps"],
+                                    b["teacher_chosen_logps"], b["teacher_rejected_logps"])
         d_refs.append(d_ref)
         d_tes.append(d_te)
     d_ref, d_te = torch.cat(d_refs), torch.cat(d_tes)
