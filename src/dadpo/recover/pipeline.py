@@ -233,8 +233,8 @@ def _training_args(cfg: RecoverConfig, stage: str, ckpt: Path):
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.dsft.lr if dsft else cfg.lr,
         num_train_epochs=cfg.dsft.epochs if dsft else cfg.epochs, lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup_ratio, logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=1, bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed, report_to="none",
-        remove_unused_columns=False, dataloader_num_workers=0, weight_decay=0.0, disable_tqdm=False)
+        save_total_limit=2, bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed, report_to="none",
+        remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False, weight_decay=0.0)
 
 
 def build_trainer(model, tok, examples: list[dict], cfg: RecoverConfig, stage: str, ckpt: Path):
@@ -255,15 +255,13 @@ def build_trainer(model, tok, examples: list[dict], cfg: RecoverConfig, stage: s
 def _train(spec: str, examples: list[dict], cfg: RecoverConfig, stage: str, work: Path,
            target: Path | None = None) -> Path:
     """Train `spec` on `examples` for `stage`, resuming from work/checkpoints; save the merged model."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     target = target or work / "model"
     if (target / "config.json").is_file():
         return target
     ckpt = work / "checkpoints"
     model, tok = _load(spec)
     trainer = build_trainer(model, tok, examples, cfg, stage, ckpt)
-    last = get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+    last = last_complete_checkpoint(ckpt)
     if last:
         log.info("%s: resuming from %s", stage, last)
     trainer.train(resume_from_checkpoint=last)
@@ -276,6 +274,18 @@ def _train(spec: str, examples: list[dict], cfg: RecoverConfig, stage: str, work
     del trainer, model
     gc.collect()
     return target
+
+
+def last_complete_checkpoint(ckpt: Path) -> str | None:
+    """The newest Trainer checkpoint that was fully written (its trainer_state.json is saved last); newer,
+    half-written ones left by a kill are removed so checkpoint rotation cannot delete the good one."""
+    if not ckpt.is_dir():
+        return None
+    dirs = sorted((p for p in ckpt.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                  key=lambda p: int(p.name.split("-")[-1]))
+    while dirs and not (dirs[-1] / "trainer_state.json").is_file():
+        shutil.rmtree(dirs.pop())
+    return str(dirs[-1]) if dirs else None
 
 
 def _save_model(model, tok, target: Path) -> None:

@@ -1,0 +1,220 @@
+"""The recover stage: config and input checks, collator, the Trainer on a real model, the whole pipeline on
+tiny random Llama models (real transformers/peft/Trainer code paths), and kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dadpo.errors import DadpoError
+from dadpo.recover import RecoverConfig, run_recover
+from dadpo.recover.pairs import PairCollator, encode_example
+
+
+def _tiny_model(path: Path, tok_dir: Path, seed: int, extra_token: str | None = None) -> Path:
+    """A 2-layer random Llama with the SmolLM2 tokenizer (optionally with one more token)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    if extra_token:
+        tok.add_tokens([extra_token])
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm_dir) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny")
+    prompts = root / "prompts.jsonl"
+    rows = [{"prompt": f"Say something about the number {i}.", "id": str(i)} for i in range(10)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"student": str(_tiny_model(root / "student", smollm_dir, 0)),
+            "teacher": str(_tiny_model(root / "teacher", smollm_dir, 1)),
+            "other": str(_tiny_model(root / "other", smollm_dir, 2, extra_token="<zz>")),
+            "prompts": str(prompts)}
+
+
+TINY_CFG = {"train_prompts": 6, "eval_prompts": 2, "batch_size": 2, "max_prompt_len": 32, "max_response_len": 16,
+            "save_steps": 1, "lr": 1e-3, "sampling": {"max_new_tokens": 8, "batch_size": 4},
+            "dsft": {"lr": 1e-3}}
+
+
+# --- config and bad input ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data,needle", [
+    ({"beta1": 0}, "recover.beta1: beta1 must be > 0"),
+    ({"beta2": -0.1}, "recover.beta2: beta2 must be > 0"),
+    ({"method": "ppo"}, "recover.method"),
+    ({"lr": 0}, "recover.lr"),
+    ({"kd": {"top_k": 0}}, "recover.kd.top_k"),
+    ({"lora": {"r": 8, "alhpa": 3}}, "recover.lora.alhpa"),
+    ({"learning_rate": 1e-5}, "recover.learning_rate"),
+])
+def test_config_errors_are_one_line_naming_the_field(data, needle):
+    with pytest.raises(DadpoError) as e:
+        RecoverConfig.parse(data)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_kd_method_defaults_weight_and_roundtrips():
+    cfg = RecoverConfig.parse({"method": "kd", "kd": {"kind": "jsd"}})
+    assert cfg.kd.weight == 1.0 and cfg.needs_topk and not cfg.needs_pairs
+    assert RecoverConfig.parse(cfg.model_dump()) == cfg
+
+
+def test_cli_flags_map_to_config_and_errors_name_the_flag(capsys):
+    from dadpo.cli import main
+
+    base = ["recover", "--student", "s", "--teacher", "t", "--prompts", "p", "--out", "o"]
+    assert main([*base, "--kd-top-k", "0"]) == 2
+    assert "dadpo recover: error: --kd-top-k:" in capsys.readouterr().err
+    assert main([*base, "--beta2", "0"]) == 2
+    assert "--beta2: beta2 must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--method", "ppo"])
+    assert "invalid choice: 'ppo'" in capsys.readouterr().err
+
+
+def test_different_vocabularies_rejected_before_model_work(tiny, tmp_path):
+    with pytest.raises(DadpoError, match="different vocabularies"):
+        run_recover(tiny["other"], tiny["teacher"], tiny["prompts"], tmp_path / "run", TINY_CFG)
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_prompt_set_rejected(tiny, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DadpoError, match="empty"):
+        run_recover(tiny["student"], tiny["teacher"], str(empty), tmp_path / "run", TINY_CFG)
+    with pytest.raises(DadpoError, match="no training prompts"):
+        run_recover(tiny["student"], tiny["teacher"], tiny["prompts"], tmp_path / "run", {"eval_prompts": 10})
+
+
+# --- collator ------------------------------------------------------------------------------------------------
+
+def test_collator_masks_prompt_and_padding(smollm):
+    _, tok = smollm
+    msgs = [{"role": "user", "content": "Hi there"}]
+    ex = encode_example(tok, "a", msgs, "Hello! How can I help?", "Go away.", 64, 64)
+    ex2 = encode_example(tok, "b", [{"role": "user", "content": "A much longer question here?"}], "Yes.", "No, never.",
+                         64, 64)
+    assert tok.decode(ex["chosen_ids"]).endswith("<|im_end|>")  # the model learns to stop
+    for e in (ex, ex2):
+        e["ref_chosen_logps"], e["ref_rejected_logps"] = -1.0, -2.0
+    b = PairCollator(tok.pad_token_id)([ex, ex2])
+    assert b["input_ids"].shape[0] == 4  # chosen rows, then rejected rows
+    assert b["ref_chosen_logps"].tolist() == [-1.0, -1.0] or b["ref_chosen_logps"].shape == (2,)
+    for row, (p, r) in enumerate([(ex["prompt_ids"], ex["chosen_ids"]), (ex2["prompt_ids"], ex2["chosen_ids"]),
+                                  (ex["prompt_ids"], ex["rejected_ids"]), (ex2["prompt_ids"], ex2["rejected_ids"])]):
+        n = len(p) + len(r)
+        assert b["input_ids"][row, :n].tolist() == p + r
+        assert (b["labels"][row, :len(p)] == -100).all() and b["labels"][row, len(p):n].tolist() == r
+        assert (b["labels"][row, n:] == -100).all() and b["attention_mask"][row].sum() == n
+
+
+# --- training on the real model ------------------------------------------------------------------------------
+
+def test_few_dpo_steps_raise_the_margin_on_real_smollm(smollm_dir, tmp_path):
+    """Three RecoverTrainer steps of daDPO on SmolLM2 (fresh copy) raise β1·Δ_ref + β2·Δ_te on the pairs."""
+    from dadpo.models import load_model
+    from dadpo.recover.forward import response_logps
+    from dadpo.recover.pipeline import build_trainer
+
+    model, tok = load_model(str(smollm_dir))
+    qa = [("What is the capital of France?", "The capital of France is Paris.", "I like turtles a lot."),
+          ("Give me a colour.", "Blue.", "The number seven, obviously."),
+          ("How many legs does a spider have?", "A spider has eight legs.", "Spiders are green cars.")]
+    exs = [encode_example(tok, str(i), [{"role": "user", "content": q}], c, r, 64, 32)
+           for i, (q, c, r) in enumerate(qa)]
+    batch = PairCollator(tok.pad_token_id)(exs)
+    with torch.no_grad():
+        ref = response_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).sums
+    for i, ex in enumerate(exs):  # π_ref = the start; a "teacher" that likes the chosen answers a bit more
+        ex.update(ref_chosen_logps=ref[i].item(), ref_rejected_logps=ref[3 + i].item(),
+                  teacher_chosen_logps=ref[i].item() + 1.0, teacher_rejected_logps=ref[3 + i].item() - 1.0)
+    cfg = RecoverConfig.parse({"method": "dadpo", "beta1": 0.1, "beta2": 0.1, "lr": 2e-5, "batch_size": 3,
+                               "warmup_ratio": 0.0, "epochs": 3, "save_steps": 100})
+    trainer = build_trainer(model, tok, exs, cfg, "dadpo", tmp_path / "ckpt")
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "reward_acc" in h]
+    assert len(logs) == 3 and all("margin_te" in h and "logps_chosen" in h for h in logs)
+    with torch.no_grad():
+        after = response_logps(trainer.model, batch["input_ids"], batch["attention_mask"], batch["labels"]).sums
+    margin_before = (ref[:3] - ref[3:]) - (ref[:3] - ref[3:])  # Δ_ref at the start is 0
+    d_ref = (after[:3] - after[3:]) - (ref[:3] - ref[3:])
+    assert (d_ref > margin_before + 0.5).all(), d_ref
+    assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+# --- the pipeline on tiny models -----------------------------------------------------------------------------
+
+def test_pipeline_end_to_end_lora_with_kd_and_resume_guards(tiny, tmp_path):
+    out = tmp_path / "run"
+    cfg = {**TINY_CFG, "method": "dadpo", "kd": {"weight": 0.5, "top_k": 4},
+           "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
+    metrics = run_recover(tiny["student"], tiny["teacher"], tiny["prompts"], out, cfg)
+    assert {"start", "dsft", "final"} <= set(metrics) and metrics["final"]["pairs"] == 2
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")  # plain model, LoRA merged in
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    scores = torch.load(out / "scores.pt", weights_only=True)
+    assert len(scores) == 8 and scores["3"]["topk_ids"].shape[1] == 4
+    hist = json.loads((out / "train" / "log_history.json").read_text())
+    assert any("kd" in h and "margin_ref" in h for h in hist)
+    assert not (out / "train" / "checkpoints").exists()
+    # rerun: complete, nothing redone; other settings: refused naming the field
+    assert run_recover(tiny["student"], tiny["teacher"], tiny["prompts"], out, cfg) == metrics
+    with pytest.raises(DadpoError, match=r"other settings \(config\.beta1\)"):
+        run_recover(tiny["student"], tiny["teacher"], tiny["prompts"], out, {**cfg, "beta1": 0.5})
+    with pytest.raises(DadpoError, match="not a recover run"):
+        (tmp_path / "junk").mkdir()
+        (tmp_path / "junk" / "x").write_text("x")
+        run_recover(tiny["student"], tiny["teacher"], tiny["prompts"], tmp_path / "junk", cfg)
+
+
+def _cli(tiny, out: Path, method: str) -> list[str]:
+    return [sys.executable, "-m", "dadpo", "recover", "--student", tiny["student"], "--teacher", tiny["teacher"],
+            "--prompts", tiny["prompts"], "--out", str(out), "--method", method, "--train-prompts", "8",
+            "--eval-prompts", "2", "--batch-size", "1", "--save-steps", "2", "--max-new-tokens", "8",
+            "--max-response-len", "16", "--lr", "1e-3", "--dsft-lr", "1e-3", "--epochs", "3"]
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_same_metrics(tiny, tmp_path):
+    """SIGKILL the daDPO stage after its first checkpoints, rerun the same command: it resumes from the last
+    checkpoint (not from scratch) and ends with the uninterrupted run's metrics (abs tol 1e-4)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    ref_out, out = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_cli(tiny, ref_out, "dadpo"), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(_cli(tiny, out, "dadpo"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpts = out / "train" / "checkpoints"
+    deadline = time.time() + 600
+    while not (ckpts.is_dir() and len(list(ckpts.glob("checkpoint-*"))) and
+               any(int(p.name.split("-")[1]) >= 6 for p in ckpts.glob("checkpoint-*"))):
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model").exists()  # killed mid-training (24 steps in all)
+    res = subprocess.run(_cli(tiny, out, "dadpo"), env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming from" in res.stderr
+    a = json.loads((ref_out / "metrics.json").read_text())["final"]
+    b = json.loads((out / "metrics.json").read_text())["final"]
+    for k in ("nll", "margin_ref", "margin_te", "reward_acc"):
+        assert b[k] == pytest.approx(a[k], abs=1e-4), k
