@@ -26,7 +26,8 @@ def load_corpus(name: str, data_dir: str | os.PathLike | None = None) -> str:
         path = Path(name)
         if path.is_file():
             return path.read_text(encoding="utf-8")
-        raise DadpoError(f"unknown perplexity corpus {name!r}: choose {', '.join(CORPORA)} or give a text file")
+        raise DadpoError(f"unknown perplexity corpus {name!r}: choose {', '.join(CORPORA)} "
+                         "or give a text file")
     local, hub, config, split, field = CORPORA[name]
     data_dir = data_dir or os.environ.get("DADPO_DATA_DIR")
     if data_dir and (Path(data_dir) / local).is_file():

@@ -1,0 +1,194 @@
+"""`dadpo evaluate`: compare students with their teacher (judge, ROUGE-L, lm-eval, perplexity)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dadpo.errors import DadpoError
+
+_DESCRIPTION = """\
+Evaluate one or more students against their teacher and write OUT/results.json, OUT/report.md and PNG
+plots. Answers of every model to every evaluation set are generated once (greedy by default) and cached
+under OUT/answers; each (student, teacher) answer pair is judged in both orders (an order-dependent
+verdict is a tie) and verdicts are cached in OUT/verdicts.jsonl, so rerunning the same command after a
+crash or an unreachable judge carries on where it stopped. Reports win/tie/loss, the preference rate
+(win − loss), the adjusted win rate (win + ½ tie) with 95%% bootstrap CIs, per-category rows and the
+position-flip rate; ROUGE-L against reference answers (dolly, self_instruct, alpaca_eval); optionally
+LLM-Pruner's zero-shot tasks through lm-eval and WikiText-2/PTB perplexity."""
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def register(subparsers) -> None:
+    from dadpo.evaluate.config import EVAL_SETS
+    from dadpo.evaluate.zeroshot import TASKS
+
+    p = subparsers.add_parser(
+        "evaluate",
+        help="compare students with the teacher (judge, lm-eval, perplexity)",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--students",
+        required=True,
+        help="comma-separated students: model specs or NAME=SPEC (spec: hub id, directory, .gguf, alias)",
+    )
+    p.add_argument("--teacher", required=True, help="the teacher's model spec")
+    p.add_argument("--out", required=True, help="output folder (cached answers and verdicts live here too)")
+    p.add_argument(
+        "--config",
+        help="YAML with an EvalConfig (or a recipe with an `evaluate:` section); "
+        "options given here override it",
+    )
+    p.add_argument(
+        "--sets",
+        help=f"evaluation sets, comma-separated, of: {', '.join(EVAL_SETS)} "
+        "(default vicuna_bench; 'none' for no judging)",
+    )
+    p.add_argument(
+        "--limit", type=int, help="first N prompts of each set (default: all; dolly: its 80 held out)"
+    )
+    j = p.add_argument_group("judge")
+    j.add_argument(
+        "--judge",
+        help="local:SPEC (an HF chat model, verdict from log-probs; default "
+        "local:smollm2-135m-instruct), openai:MODEL (an OpenAI-compatible endpoint), or none",
+    )
+    j.add_argument(
+        "--judge-base-url",
+        help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (default https://api.openai.com/v1)",
+    )
+    j.add_argument(
+        "--judge-api-key-env",
+        help="environment variable holding the API key (default "
+        "OPENAI_API_KEY; 'none' for an endpoint without a key)",
+    )
+    j.add_argument("--judge-concurrency", type=int, help="requests in flight (default 4)")
+    j.add_argument(
+        "--judge-retries", type=int, help="retries per request with exponential backoff (default 3)"
+    )
+    j.add_argument("--judge-timeout", type=float, help="seconds per request (default 120)")
+    z = p.add_argument_group("zero-shot tasks and perplexity")
+    z.add_argument(
+        "--tasks", help=f"lm-eval tasks, comma-separated, of: {', '.join(TASKS)}, or 'all' (default none)"
+    )
+    z.add_argument("--task-limit", type=int, help="items per task (default: full splits)")
+    z.add_argument(
+        "--ppl", help="perplexity corpora, comma-separated: wikitext2, ptb or text files (default none)"
+    )
+    z.add_argument("--seq-lens", help="perplexity window lengths, comma-separated (default 128)")
+    z.add_argument(
+        "--data-dir", help="local data folder for tasks and corpora (default $DADPO_DATA_DIR, else the hub)"
+    )
+    g = p.add_argument_group("answer decoding")
+    g.add_argument("--max-new-tokens", type=int, help="tokens per answer (default 256)")
+    g.add_argument("--temperature", type=float, help="0 = greedy (default)")
+    g.add_argument("--batch-size", type=int, help="prompts per generation batch (default 8)")
+    p.add_argument("--bootstrap", type=int, help="bootstrap resamples for the CIs (default 1000)")
+    p.add_argument("--seed", type=int, help="seed for sampling and bootstrap (default 0)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _students(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in _csv(text):
+        name, _, spec = item.partition("=") if "=" in item else (Path(item.rstrip("/")).name, "", item)
+        if name in out:
+            raise DadpoError(f"--students: two students are named {name!r}; use NAME=SPEC")
+        out[name] = spec
+    if not out:
+        raise DadpoError("--students: give at least one student")
+    return out
+
+
+def build_config(args) -> dict:
+    """EvalConfig fields from --config and the command line (the command line wins)."""
+    from dadpo.evaluate.zeroshot import TASKS
+
+    data: dict = {}
+    if args.config:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise DadpoError(f"--config {args.config}: {e}") from None
+        data = loaded.get("evaluate", loaded) if isinstance(loaded, dict) else {}
+    if args.sets:
+        data["sets"] = [] if args.sets == "none" else _csv(args.sets)
+    if args.tasks:
+        data["tasks"] = list(TASKS) if args.tasks == "all" else _csv(args.tasks)
+    if args.ppl:
+        data["ppl_corpora"] = _csv(args.ppl)
+    if args.seq_lens:
+        try:
+            data["seq_lens"] = [int(x) for x in _csv(args.seq_lens)]
+        except ValueError:
+            raise DadpoError(f"--seq-lens: expected integers, got {args.seq_lens!r}") from None
+    for opt, field in (
+        ("limit", "limit"),
+        ("task_limit", "task_limit"),
+        ("data_dir", "data_dir"),
+        ("bootstrap", "bootstrap"),
+        ("seed", "seed"),
+    ):
+        if getattr(args, opt) is not None:
+            data[field] = getattr(args, opt)
+    gen = data.setdefault("generation", {})
+    for opt in ("max_new_tokens", "temperature", "batch_size"):
+        if getattr(args, opt) is not None:
+            gen[opt] = getattr(args, opt)
+    if args.seed is not None:
+        gen["seed"] = args.seed
+    if args.judge == "none":
+        data["judge"] = None
+    elif args.judge or any(
+        getattr(args, f"judge_{k}") is not None
+        for k in ("base_url", "api_key_env", "concurrency", "retries", "timeout")
+    ):
+        judge = dict(data.get("judge") or {})
+        if args.judge:
+            kind, _, model = args.judge.partition(":")
+            if kind not in ("local", "openai") or not model:
+                raise DadpoError(f"--judge: expected local:SPEC, openai:MODEL or none, got {args.judge!r}")
+            judge.update(kind=kind, model=model)
+        for k in ("base_url", "api_key_env", "concurrency", "retries", "timeout"):
+            if getattr(args, f"judge_{k}") is not None:
+                judge[k] = getattr(args, f"judge_{k}")
+        if judge.get("api_key_env") == "none":
+            judge["api_key_env"] = None
+        data["judge"] = judge
+    return data
+
+
+def cmd_evaluate(args) -> int:
+    from pydantic import ValidationError
+
+    from dadpo.evaluate.config import EvalConfig
+    from dadpo.evaluate.run import run_evaluate
+
+    students = _students(args.students)
+    try:
+        config = EvalConfig.model_validate(build_config(args))
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "config"
+        raise DadpoError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+    results = run_evaluate(students, args.teacher, args.out, config)
+    for name, sets in results["pairwise"].items():
+        for s, summ in sets.items():
+            o = summ["overall"]
+            ci = o["preference"]["ci95"]
+            print(
+                f"{name} vs teacher on {s}: preference {o['preference']['value']:+.1f}% "
+                + (f"[{ci[0]:+.1f}, {ci[1]:+.1f}] " if ci else "")
+                + f"(win {o['win']['value']:.1f} / tie {o['tie']['value']:.1f} / "
+                f"loss {o['loss']['value']:.1f}, "
+                f"flips {o['flip_rate'] or 0:.1f}%, invalid {o['invalid']})"
+            )
+    print(f"wrote {Path(args.out) / 'report.md'} and results.json")
+    return 0

@@ -1,0 +1,115 @@
+"""`EvalConfig`: everything the evaluate stage does, as one validated model (a recipe's `evaluate:` section).
+
+Validators only check values; they never load models or touch the network."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dadpo.evaluate.perplexity import CORPORA
+from dadpo.evaluate.zeroshot import TASKS
+
+#: evaluation prompt sets (aliases of `dadpo.data`) and which carry reference answers for ROUGE-L
+EVAL_SETS = ("dolly", "vicuna_bench", "mt_bench", "self_instruct", "alpaca_eval")
+REFERENCE_SETS = ("dolly", "self_instruct", "alpaca_eval")
+#: Dolly is a training set; its held-out evaluation part is the data folder's first 80 rows
+#: (10 per category, see ../shared/data/README.md), unless a per-set limit asks for fewer
+DOLLY_HELDOUT = 80
+
+
+class JudgeConfig(BaseModel):
+    """Who judges: a local HF chat model (verdict from log-probs) or an OpenAI-compatible endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "openai"] = "local"
+    model: str = Field("smollm2-135m-instruct", description="local: model spec; openai: model name")
+    base_url: str = Field("https://api.openai.com/v1", description="openai: endpoint base URL (…/v1)")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="openai: env var with the key; null = none")
+    concurrency: int = Field(4, ge=1, description="openai: requests in flight")
+    retries: int = Field(3, ge=0, description="openai: retries per request (exponential backoff)")
+    timeout: float = Field(120.0, gt=0, description="openai: seconds per request")
+    backoff: float = Field(1.0, ge=0, description="openai: first retry delay in seconds, doubling")
+    max_tokens: int = Field(512, ge=1, description="openai: reply length cap")
+    batch_size: int = Field(4, ge=1, description="local: judgements per forward pass")
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"judge.base_url must start with http:// or https://, got {v!r}")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("judge.model must not be empty")
+        return v
+
+
+class GenerationSettings(BaseModel):
+    """Answer decoding: greedy by default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+
+
+class EvalConfig(BaseModel):
+    """The evaluate stage's settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sets: list[str] = Field(
+        default_factory=lambda: ["vicuna_bench"], description=f"of {', '.join(EVAL_SETS)}"
+    )
+    limit: int | None = Field(None, ge=1, description="first N prompts of each set")
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    judge: JudgeConfig | None = Field(default_factory=JudgeConfig, description="null = no pairwise judging")
+    tasks: list[str] = Field(default_factory=list, description=f"zero-shot tasks of {', '.join(TASKS)}")
+    task_limit: int | None = Field(None, ge=1, description="items per zero-shot task (default: full split)")
+    task_batch_size: int = Field(16, ge=1)
+    data_dir: str | None = Field(
+        None,
+        description="local data folder for tasks/corpora ($DADPO_DATA_DIR when unset; the hub when neither)",
+    )
+    ppl_corpora: list[str] = Field(default_factory=list, description=f"of {', '.join(CORPORA)} or text files")
+    seq_lens: list[int] = Field(default_factory=lambda: [128], description="perplexity window lengths")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the 95% CIs")
+    seed: int = 0
+
+    @field_validator("sets")
+    @classmethod
+    def _sets(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in EVAL_SETS]
+        if bad:
+            raise ValueError(f"sets: unknown {', '.join(bad)}; choose from {', '.join(EVAL_SETS)}")
+        return list(dict.fromkeys(v))
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t not in TASKS]
+        if bad:
+            raise ValueError(f"tasks: unknown {', '.join(bad)}; choose from {', '.join(TASKS)}")
+        return list(dict.fromkeys(v))
+
+    @field_validator("seq_lens")
+    @classmethod
+    def _seq_lens(cls, v: list[int]) -> list[int]:
+        if any(s < 2 for s in v):
+            raise ValueError(f"seq_lens: every window length must be ≥ 2, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> EvalConfig:
+        if not (self.sets or self.tasks or self.ppl_corpora):
+            raise ValueError("nothing to evaluate: give sets, tasks or ppl_corpora")
+        return self

@@ -1,0 +1,186 @@
+"""`run_evaluate`: answers, pairwise judging vs the teacher, ROUGE-L, zero-shot tasks and perplexity for
+several students, with every expensive piece cached under `out_dir` so a rerun or a crash never pays twice.
+
+Layout of `out_dir`: answers/<model>/<set>.jsonl, verdicts.jsonl, metrics/<model>.json, results.json,
+report.md, *.png.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from dadpo.errors import DadpoError
+from dadpo.evaluate.answers import generate_answers, load_eval_set, model_slug, pair_items, rouge_l
+from dadpo.evaluate.backends import Judge, LocalJudge, OpenAIJudge
+from dadpo.evaluate.config import REFERENCE_SETS, EvalConfig, JudgeConfig
+from dadpo.evaluate.judge import VerdictCache
+from dadpo.evaluate.perplexity import load_corpus, perplexity
+from dadpo.evaluate.report import write_plots, write_report
+from dadpo.evaluate.stats import combine, pairwise_summary
+from dadpo.evaluate.zeroshot import run_zeroshot
+from dadpo.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def _data_dir(config: EvalConfig) -> str | None:
+    return config.data_dir or os.environ.get("DADPO_DATA_DIR")
+
+
+def model_metrics(
+    model, tok, name: str, spec: str, out_dir: str | os.PathLike, config: EvalConfig, progress: bool = True
+) -> dict:
+    """Zero-shot accuracy and perplexity of a loaded model, cached in `out_dir/metrics/<model>.json`."""
+    key = hashlib.sha256(
+        json.dumps(
+            [spec, config.tasks, config.task_limit, config.ppl_corpora, config.seq_lens, _data_dir(config)]
+        ).encode()
+    ).hexdigest()[:16]
+    path = Path(out_dir) / "metrics" / f"{model_slug(name, spec)}.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["metrics"]
+    metrics: dict = {"params": sum(p.numel() for p in model.parameters())}
+    if config.tasks:
+        metrics["zeroshot"] = run_zeroshot(
+            model,
+            tok,
+            config.tasks,
+            data_dir=_data_dir(config),
+            work_dir=Path(out_dir) / "lm_eval_tasks",
+            limit=config.task_limit,
+            batch_size=config.task_batch_size,
+            seed=config.seed,
+        )
+    rows = []
+    for corpus in config.ppl_corpora:
+        text = load_corpus(corpus, _data_dir(config))
+        for seq_len in config.seq_lens:
+            rows.append(
+                {"corpus": corpus, **perplexity(model, tok, text, seq_len=seq_len, progress=progress)}
+            )
+    if rows:
+        metrics["perplexity"] = rows
+    atomic_write_json(path, {"key": key, "metrics": metrics})
+    return metrics
+
+
+def make_judge(cfg: JudgeConfig, loaded: dict | None = None) -> Judge:
+    """A judge backend; a local judge reuses an already loaded (model, tok) from `loaded` by spec."""
+    if cfg.kind == "openai":
+        return OpenAIJudge(
+            cfg.base_url,
+            cfg.model,
+            cfg.api_key_env,
+            concurrency=cfg.concurrency,
+            retries=cfg.retries,
+            timeout=cfg.timeout,
+            backoff=cfg.backoff,
+            max_tokens=cfg.max_tokens,
+        )
+    from dadpo.models import load_model
+
+    model, tok = (loaded or {}).get(cfg.model) or load_model(cfg.model)
+    return LocalJudge(model, tok, cfg.model, batch_size=cfg.batch_size)
+
+
+def judge_student(
+    judge: Judge,
+    cache: VerdictCache,
+    student: dict[str, list[dict]],
+    teacher: dict[str, list[dict]],
+    config: EvalConfig,
+    progress: bool = True,
+) -> dict:
+    """Judge one student's answers against the teacher's in both orders; summary per set."""
+    out = {}
+    for set_name, rows in student.items():
+        triples = pair_items(set_name, rows, teacher[set_name])
+        items = [it for _, a, b in triples for it in (a, b)]
+        verdicts = judge.judge(items, cache, progress=progress)
+        pairs = [
+            {**meta, **combine(verdicts[2 * k]["verdict"], verdicts[2 * k + 1]["verdict"])}
+            for k, (meta, _, _) in enumerate(triples)
+        ]
+        out[set_name] = pairwise_summary(pairs, samples=config.bootstrap, seed=config.seed)
+        out[set_name]["invalid_verdicts"] = sum(v["verdict"] is None for v in verdicts)
+    return out
+
+
+def _free(*objs) -> None:
+    del objs
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def run_evaluate(
+    students: dict[str, str],
+    teacher: str,
+    out_dir: str | os.PathLike,
+    config: EvalConfig,
+    *,
+    progress: bool = True,
+) -> dict:
+    """Evaluate each student (name -> model spec) against `teacher`; write results.json, report.md, PNGs."""
+    from dadpo.models import load_model, resolve_model
+
+    if not students:
+        raise DadpoError("no student to evaluate")
+    if "teacher" in students:
+        raise DadpoError("a student may not be named 'teacher'")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # cheap checks first: a missing API key, a bad spec or set fails now, not after an hour of work
+    judge = (
+        make_judge(config.judge) if config.judge and config.judge.kind == "openai" and config.sets else None
+    )
+    for spec in [teacher, *students.values()]:
+        resolve_model(spec)
+    prompts = {s: load_eval_set(s, config.limit) for s in config.sets}
+    models = {"teacher": teacher, **students}
+    answers, metrics = {}, {}
+    keep_for_judge = {}
+    for name, spec in models.items():
+        log.info("evaluating %s (%s)", name, spec)
+        model, tok = load_model(spec)
+        answers[name] = generate_answers(model, tok, name, spec, out_dir, config, prompts, progress)
+        metrics[name] = model_metrics(model, tok, name, spec, out_dir, config, progress)
+        if config.judge and config.judge.kind == "local" and config.judge.model == spec:
+            keep_for_judge[spec] = (model, tok)  # the judge is this model: keep it instead of reloading
+        else:
+            _free(model, tok)
+    pairwise = {}
+    if config.sets and config.judge:
+        judge = judge or make_judge(config.judge, keep_for_judge)
+        cache = VerdictCache(out_dir / "verdicts.jsonl")
+        for name in students:
+            pairwise[name] = judge_student(judge, cache, answers[name], answers["teacher"], config, progress)
+    results = {
+        "teacher": {"spec": teacher, **_model_block(metrics["teacher"], answers["teacher"])},
+        "students": {n: {"spec": s, **_model_block(metrics[n], answers[n])} for n, s in students.items()},
+        "judge": judge.id if pairwise else None,
+        "pairwise": pairwise,
+        "config": config.model_dump(),
+    }
+    results["plots"] = write_plots(results, out_dir)
+    atomic_write_json(out_dir / "results.json", results)
+    write_report(results, out_dir)
+    return results
+
+
+def _model_block(metrics: dict, answers: dict[str, list[dict]]) -> dict:
+    rouge = {s: r for s, rows in answers.items() if s in REFERENCE_SETS and (r := rouge_l(rows))}
+    lengths = {s: sum(r["new_tokens"] for r in rows) / len(rows) for s, rows in answers.items() if rows}
+    return {**metrics, "rouge": rouge, "answer_tokens": lengths}

@@ -1,0 +1,128 @@
+"""EvalConfig validation, the `dadpo evaluate` command, and an end-to-end cached run on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from dadpo.errors import DadpoError
+from dadpo.evaluate import EvalConfig, run_evaluate
+from dadpo.evaluate.answers import load_eval_set, pair_items, rouge_l
+
+
+def test_config_defaults_and_recipe_section():
+    cfg = EvalConfig()
+    assert cfg.sets == ["vicuna_bench"] and cfg.generation.temperature == 0 and cfg.judge.kind == "local"
+    cfg = EvalConfig.model_validate({"sets": ["dolly", "mt_bench"], "tasks": ["piqa", "boolq"], "limit": 5,
+                                     "judge": {"kind": "openai", "model": "gpt-4o", "base_url": "http://x/v1",
+                                               "api_key_env": "K", "concurrency": 8}})
+    assert cfg.judge.concurrency == 8 and cfg.tasks == ["piqa", "boolq"]
+
+
+@pytest.mark.parametrize(("data", "field"), [
+    ({"sets": ["dolly", "nope"]}, "sets"),
+    ({"tasks": ["mmlu"]}, "tasks"),
+    ({"limit": 0}, "limit"),
+    ({"seq_lens": [1]}, "seq_lens"),
+    ({"judge": {"kind": "claude"}}, "judge.kind"),
+    ({"judge": {"base_url": "ftp://x"}}, "judge.base_url"),
+    ({"judge": {"concurrency": 0}}, "judge.concurrency"),
+    ({"bogus": 1}, "bogus"),
+    ({"generation": {"top_p": 2}}, "generation.top_p"),
+])
+def test_config_errors_name_the_field(data, field):
+    with pytest.raises(ValidationError) as e:
+        EvalConfig.model_validate(data)
+    err = e.value.errors()[0]
+    assert ".".join(str(x) for x in err["loc"]) == field
+    if field in ("sets", "tasks"):
+        assert field in err["msg"]
+
+
+def test_dolly_is_the_held_out_head(data_aliases):
+    recs = load_eval_set("dolly")
+    assert len(recs) == 80 and len({r.category for r in recs}) == 8
+    assert len(load_eval_set("mt_bench", 3)) == 3
+    with pytest.raises(DadpoError, match="unknown evaluation set"):
+        load_eval_set("lima")
+
+
+def test_pair_items_cover_both_orders_and_every_turn():
+    def row(who: str) -> dict:
+        msgs = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": f"{who}1"},
+                {"role": "user", "content": "q2"}, {"role": "assistant", "content": f"{who}2"}]
+        return {"id": "7", "category": "c", "messages": msgs, "responses": [f"{who}1", f"{who}2"], "reference": "r"}
+
+    triples = pair_items("mt_bench", [row("s")], [row("t")])
+    assert [m["turn"] for m, _, _ in triples] == [1, 2]
+    meta, s_first, t_first = triples[1]
+    assert s_first.conv_a[-1]["content"] == "s2" and s_first.conv_a[1]["content"] == "s1"
+    assert t_first.conv_a[-1]["content"] == "t2" and t_first.conv_b[-1]["content"] == "s2"
+    assert triples[0][1].reference == "r" and s_first.reference is None
+
+
+def test_rouge_l():
+    rows = [{"reference": "the cat sat on the mat", "response": "the cat sat on the mat"},
+            {"reference": "the cat sat on the mat", "response": "dogs bark"}, {"reference": None, "response": "x"}]
+    assert rouge_l(rows) == {"rougeL": pytest.approx(50.0), "n": 2}
+
+
+def _dadpo(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dadpo", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_cli_help_explains_options():
+    r = _dadpo("evaluate", "--help")
+    assert r.returncode == 0
+    for opt in ("--students", "--teacher", "--sets", "--judge", "--judge-api-key-env", "--tasks", "--ppl", "--out"):
+        assert opt in r.stdout
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--sets", "dolly,bogus"], "sets: unknown bogus"),
+    (["--tasks", "piqa,mmlu"], "tasks: unknown mmlu"),
+    (["--judge", "gpt4"], "--judge"),
+    (["--judge", "openai:gpt-4o", "--judge-api-key-env", "NO_SUCH_KEY_VAR"], "NO_SUCH_KEY_VAR"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, needle):
+    r = _dadpo("evaluate", "--students", "smollm2-135m-instruct", "--teacher", "smollm2-135m-instruct",
+               "--out", str(tmp_path / "o"), *args, env={"NO_SUCH_KEY_VAR": ""})
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dadpo evaluate: error:") and needle in lines[0]
+
+
+def test_run_evaluate_end_to_end_then_rerun_pays_nothing(data_aliases, smollm_dir, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text((data_aliases / "wikitext2_raw/test.joined.txt").read_text()[:6000])
+    cfg = EvalConfig.model_validate({
+        "sets": ["vicuna_bench", "dolly"], "limit": 2, "generation": {"max_new_tokens": 12, "batch_size": 2},
+        "judge": {"kind": "local", "model": "smollm2-135m-instruct", "batch_size": 4},
+        "ppl_corpora": [str(corpus)], "seq_lens": [64], "bootstrap": 200})
+    out = tmp_path / "eval"
+    res = run_evaluate({"same": "smollm2-135m-instruct"}, "smollm2-135m-instruct", out, cfg, progress=False)
+    vic = res["pairwise"]["same"]["vicuna_bench"]["overall"]
+    # the student is the teacher: identical greedy answers, so a consistent judge can only say tie
+    assert vic["n"] + vic["invalid"] == 2 and vic["loss"]["value"] == vic["win"]["value"] == 0
+    assert vic["preference"]["value"] == 0
+    assert res["teacher"]["params"] > 1e8 and res["teacher"]["perplexity"][0]["seq_len"] == 64
+    assert "dolly" in res["teacher"]["rouge"]
+    assert {"winrate.png", "params_vs_score.png"} <= set(res["plots"])
+    for name in ["results.json", "report.md", *res["plots"]]:
+        assert (out / name).stat().st_size > 0
+    assert json.loads((out / "results.json").read_text())["judge"] == "local:smollm2-135m-instruct"
+    report = (out / "report.md").read_text()
+    assert "preference" in report and "flip" in report and "ROUGE-L" in report
+    verdicts = (out / "verdicts.jsonl").read_text()
+    assert len(verdicts.splitlines()) == 4  # identical answers in both orders: 2 distinct prompts per set
+    # rerun: answers, metrics and verdicts all come from the cache
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.jsonl")}
+    again = run_evaluate({"same": "smollm2-135m-instruct"}, "smollm2-135m-instruct", out, cfg, progress=False)
+    assert again["pairwise"] == res["pairwise"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.jsonl")} == stamps

@@ -1,0 +1,171 @@
+"""Judge prompt, verdict parsing, two-order statistics, and both judge backends on real models over real HTTP."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from dadpo.errors import DadpoError
+from dadpo.evaluate.backends import LocalJudge, OpenAIJudge
+from dadpo.evaluate.judge import PairItem, VerdictCache, judge_messages, parse_verdict
+from dadpo.evaluate.stats import combine, pairwise_summary, summarize
+
+
+def _item(key: str, q: str, a: str, b: str) -> PairItem:
+    user = {"role": "user", "content": q}
+    return PairItem(key, [user, {"role": "assistant", "content": a}], [user, {"role": "assistant", "content": b}])
+
+
+ITEMS = [
+    _item("capital", "What is the capital of France?", "The capital of France is Paris.", "Bananas are yellow."),
+    _item("math", "What is 2 + 2?", "2 + 2 = 4.", "2 + 2 = 5."),
+]
+
+
+@pytest.mark.parametrize(("reply", "verdict"), [
+    ("A is better. [[A]]", "A"), ("[[B]]", "B"), ("tie: [[ C ]]", "C"), ("first [[A]] then final [[B]]", "B"),
+    ("I prefer A", None), ("[A]", None), ("", None), ("[[D]]", None),
+])
+def test_parse_verdict(reply, verdict):
+    assert parse_verdict(reply) == verdict
+
+
+def test_prompt_names_both_answers_and_asks_for_verdict_tokens():
+    msgs = judge_messages(ITEMS[0])
+    assert msgs[0]["role"] == "system" and "[[A]]" in msgs[0]["content"] and "[[C]]" in msgs[0]["content"]
+    assert "order" in msgs[0]["content"] and "longer" in msgs[0]["content"]  # position and length bias
+    user = msgs[1]["content"]
+    assert user.index("Paris") < user.index("Bananas")
+    swapped = judge_messages(PairItem("x", ITEMS[0].conv_b, ITEMS[0].conv_a))[1]["content"]
+    assert swapped.index("Bananas") < swapped.index("Paris")
+
+
+def test_multi_turn_prompt_shows_each_assistants_own_conversation():
+    u1, u2 = {"role": "user", "content": "Q1"}, {"role": "user", "content": "Q2"}
+    conv_a = [u1, {"role": "assistant", "content": "a1"}, u2, {"role": "assistant", "content": "a2"}]
+    conv_b = [u1, {"role": "assistant", "content": "b1"}, u2, {"role": "assistant", "content": "b2"}]
+    text = judge_messages(PairItem("k", conv_a, conv_b, reference="ref"))[1]["content"]
+    assert "LAST" in text and "ref" in text
+    assert text.index("a1") < text.index("a2") < text.index("b1") < text.index("b2")
+
+
+def test_combine_order_dependent_verdict_is_a_tie_and_a_flip():
+    assert combine("A", "B") == {"outcome": 1, "flip": False}  # student first wins, teacher first loses
+    assert combine("B", "A") == {"outcome": -1, "flip": False}
+    assert combine("C", "C") == {"outcome": 0, "flip": False}
+    assert combine("A", "A") == {"outcome": 0, "flip": True}  # the judge always picks position A
+    assert combine("A", "C") == {"outcome": 0, "flip": True}
+    assert combine(None, "A")["outcome"] is None
+
+
+def test_summary_rates_and_ci():
+    s = summarize([1] * 6 + [0] * 2 + [-1] * 2, flips=2, invalid=1, samples=2000, seed=0)
+    assert s["n"] == 10 and s["invalid"] == 1 and s["flip_rate"] == 20
+    assert s["win"]["value"] == 60 and s["tie"]["value"] == 20 and s["loss"]["value"] == 20
+    assert s["preference"]["value"] == pytest.approx(40) and s["adjusted_win"]["value"] == pytest.approx(70)
+    lo, hi = s["preference"]["ci95"]
+    assert lo < 40 < hi and lo > -100 and hi <= 100
+    same = summarize([0] * 20, flips=20, invalid=0, samples=500)
+    assert same["preference"]["ci95"] == [0.0, 0.0]
+
+
+def test_pairwise_summary_per_category_and_invalid():
+    pairs = [{"category": "a", **combine("A", "B")}, {"category": "a", **combine("B", "A")},
+             {"category": "b", **combine(None, "B")}, {"category": "b", **combine("A", "A")}]
+    s = pairwise_summary(pairs, samples=100)
+    assert s["overall"]["n"] == 3 and s["overall"]["invalid"] == 1
+    assert s["categories"]["a"]["preference"]["value"] == 0 and s["categories"]["b"]["flip_rate"] == 100
+
+
+def test_local_judge_reads_logprobs_and_caches(smollm, tmp_path):
+    model, tok = smollm
+    cache = VerdictCache(tmp_path / "v.jsonl")
+    judge = LocalJudge(model, tok, "smollm2-135m-instruct", batch_size=2)
+    rows = judge.judge(ITEMS, cache, progress=False)
+    assert [r["item"] for r in rows] == ["capital", "math"]
+    for r in rows:
+        assert r["verdict"] in ("A", "B", "C")
+        assert r["verdict"] == max(r["logprobs"], key=r["logprobs"].get)
+        assert all(lp < 0 for lp in r["logprobs"].values())
+    # a second judge over the same file pays nothing: it never touches its model
+    judge.model = None
+    again = LocalJudge.judge(judge, ITEMS, VerdictCache(tmp_path / "v.jsonl"), progress=False)
+    assert [r["verdict"] for r in again] == [r["verdict"] for r in rows]
+    assert len((tmp_path / "v.jsonl").read_text().splitlines()) == 2
+
+
+def test_local_judge_is_deterministic_in_batches(smollm, tmp_path):
+    model, tok = smollm
+    one = LocalJudge(model, tok, "m", batch_size=1).judge(ITEMS, VerdictCache(tmp_path / "1.jsonl"), False)
+    two = LocalJudge(model, tok, "m", batch_size=2).judge(ITEMS, VerdictCache(tmp_path / "2.jsonl"), False)
+    for a, b in zip(one, two, strict=True):
+        assert a["verdict"] == b["verdict"]
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=2e-3)  # left padding does not change it
+
+
+@pytest.fixture
+def server(smollm):
+    """A real OpenAI-compatible server backed by SmolLM2, on a free port of 127.0.0.1."""
+    from dadpo.evaluate.serve import make_server
+
+    model, tok = smollm
+    srv = make_server(model, tok, "smollm", max_tokens_cap=24)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_port}/v1", srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_openai_judge_over_http_counts_unparsable_replies_invalid(server, tmp_path):
+    url, _ = server
+    judge = OpenAIJudge(url, "smollm", api_key_env=None, concurrency=2, retries=0, max_tokens=24)
+    rows = judge.judge(ITEMS, VerdictCache(tmp_path / "v.jsonl"), progress=False)
+    assert [r["item"] for r in rows] == ["capital", "math"]
+    for r in rows:
+        assert isinstance(r["reply"], str) and r["reply"]  # a real generated reply came back over HTTP
+        assert r["verdict"] == parse_verdict(r["reply"])  # None (invalid) unless it wrote [[X]]
+    summary = pairwise_summary([{"category": "x", **combine(rows[0]["verdict"], rows[1]["verdict"])}])
+    assert summary["overall"]["n"] + summary["overall"]["invalid"] == 1
+
+
+def test_openai_judge_sends_the_api_key(server, tmp_path, monkeypatch):
+    url, _ = server
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-test")
+    judge = OpenAIJudge(url, "smollm", api_key_env="MY_JUDGE_KEY", retries=0, max_tokens=8)
+    assert judge.api_key == "sk-test"
+    assert len(judge.judge(ITEMS[:1], VerdictCache(tmp_path / "v.jsonl"), progress=False)) == 1
+
+
+def test_missing_api_key_names_the_variable(monkeypatch):
+    monkeypatch.delenv("NO_SUCH_JUDGE_KEY", raising=False)
+    with pytest.raises(DadpoError, match="NO_SUCH_JUDGE_KEY"):
+        OpenAIJudge("http://127.0.0.1:1/v1", "gpt", api_key_env="NO_SUCH_JUDGE_KEY")
+
+
+def test_unreachable_endpoint_errors_after_retries_and_keeps_cached_verdicts(server, tmp_path):
+    url, srv = server
+    cache_path = tmp_path / "v.jsonl"
+    OpenAIJudge(url, "smollm", api_key_env=None, retries=0, max_tokens=8).judge(
+        ITEMS[:1], VerdictCache(cache_path), progress=False)
+    srv.shutdown()
+    srv.server_close()
+    dead = OpenAIJudge(url, "smollm", api_key_env=None, retries=2, backoff=0.01, timeout=2, max_tokens=8)
+    with pytest.raises(DadpoError, match=r"unreachable after 3 tries"):
+        dead.judge(ITEMS, VerdictCache(cache_path), progress=False)
+    kept = VerdictCache(cache_path)
+    assert len(kept.rows) == 1  # the verdict paid for before the outage is still there
+    # and is served from the cache although the endpoint is still down
+    assert dead.judge(ITEMS[:1], kept, progress=False)[0]["key"] in kept.rows
+
+
+def test_verdict_cache_survives_a_torn_last_line(tmp_path):
+    path = tmp_path / "v.jsonl"
+    VerdictCache(path).add([{"key": "a", "verdict": "A"}])
+    with open(path, "a") as f:
+        f.write('{"key": "b", "verd')
+    cache = VerdictCache(path)
+    assert set(cache.rows) == {"a"}
+    cache.add([{"key": "c", "verdict": "C"}])
+    assert set(VerdictCache(path).rows) == {"a", "c"}
