@@ -118,27 +118,32 @@ def student_path(recipe: Recipe, out: Path) -> str:
     return str(out / "prune" / "model") if recipe.pruned else recipe.student
 
 
-def recover_stage(recipe: Recipe, out: Path, name: str = "recover", config=None) -> Stage:
+def recover_stage(recipe: Recipe, out: Path, name: str = "recover", config=None,
+                  reuse: list[Path] = ()) -> Stage:
+    """Recover the student; `reuse` lists sibling runs whose method-independent work (teacher answers,
+    dSFT model, student answers, scores) is linked in instead of recomputed."""
     cfg = config or recipe.recover
 
     def run(d: Path, resume: bool) -> dict:
         from dadpo.recover import run_recover
 
+        shared = [r for r in reuse if r.is_dir()]
         metrics = run_recover(student_path(recipe, out), recipe.teacher, recipe.prompts, d, cfg,
-                              overwrite=not resume)
+                              overwrite=not resume, **({"reuse": shared} if shared else {}))
         return {"model": str(d / "model"), **metrics}
 
     return Stage(name, {"teacher": recipe.teacher, "student": recipe.student, "prompts": recipe.prompts,
                         **_dump(cfg)}, run, ["prune"] if recipe.pruned else [])
 
 
-def evaluate_stage(recipe: Recipe, out: Path, students: dict[str, str], upstream: list[str]) -> Stage:
+def evaluate_stage(recipe: Recipe, out: Path, students: dict[str, str], upstream: list[str],
+                   name: str = "evaluate") -> Stage:
     def run(d: Path, resume: bool) -> dict:
         from dadpo.evaluate import run_evaluate
 
         return run_evaluate(students, recipe.teacher, d, recipe.evaluate)
 
-    return Stage("evaluate", {"teacher": recipe.teacher, "students": students, **_dump(recipe.evaluate)},
+    return Stage(name, {"teacher": recipe.teacher, "students": students, **_dump(recipe.evaluate)},
                  run, upstream)
 
 
@@ -160,9 +165,36 @@ def plan(recipe: Recipe) -> list[Stage]:
     return stages
 
 
-def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print) -> dict[str, dict]:
+BENCH_METHODS = ("none", "dsft", "kd", "dpo", "dadpo")
+
+
+def bench_plan(recipe: Recipe, methods: list[str]) -> list[Stage]:
+    """Prune once, recover once per method (sharing teacher answers, dSFT and scores), evaluate all.
+
+    `none` is the student without recovery. dsft runs first: its dSFT model is every later method's π_ref.
+    """
+    from dadpo.recover.config import RecoverConfig
+
+    out = Path(recipe.output_dir)
+    base = (recipe.recover or RecoverConfig()).model_dump()
+    stages = [prune_stage(recipe, out)] if recipe.pruned else []
+    students = {"none": student_path(recipe, out)} if "none" in methods else {}
+    runs: list[Path] = []
+    for m in sorted((m for m in methods if m != "none"), key=BENCH_METHODS.index):
+        cfg = RecoverConfig.parse({**base, "method": m})
+        d = out / "bench" / f"recover-{m}"
+        stages.append(recover_stage(recipe, out, f"bench/recover-{m}", cfg, reuse=list(runs)))
+        students[m] = str(d / "model")
+        runs.append(d)
+    stages.append(evaluate_stage(recipe, out, students, [s.name for s in stages], "bench/evaluate"))
+    return stages
+
+
+def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print, stages: list[Stage] | None = None
+               ) -> dict[str, dict]:
+    """Run a recipe's stages (default: `plan(recipe)`) under its output_dir."""
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "recipe.json", recipe.model_dump(mode="json"))
     with data_dir_env(recipe.data_dir):
-        return run_stages(out, plan(recipe), echo)
+        return run_stages(out, stages if stages is not None else plan(recipe), echo)

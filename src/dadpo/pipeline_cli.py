@@ -40,6 +40,16 @@ def register(sub) -> None:
                    help="any other recipe value, e.g. --set recover.epochs=2")
     p.set_defaults(func=cmd_prune_recover)
 
+    b = sub.add_parser("bench", help="compare recovery methods on one recipe (shared work done once)",
+                       description="Prune once, generate teacher answers and the dSFT reference once, train "
+                       "and evaluate each method, and write one table + plot to OUT/bench/.")
+    b.add_argument("recipe", help="recipe YAML file")
+    b.add_argument("--methods", default="none,dsft,dpo,dadpo",
+                   help="comma-separated of none (no recovery), dsft, kd, dpo, dadpo (default %(default)s)")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    b.add_argument("--out", help="override output_dir")
+    b.set_defaults(func=cmd_bench)
+
     d = sub.add_parser("demo", help="run the default CPU recipe on the embedded SmolLM2 (≈30 min on 2 cores)",
                        description=f"Run recipes/{DEMO_RECIPE}: prune SmolLM2-135M-Instruct by 20%, recover "
                        "it with daDPO, evaluate it against the teacher, and print the summary.")
@@ -62,9 +72,14 @@ def _execute(recipe, dry_run: bool = False) -> int:
 
 
 def summary_text(results: dict) -> str:
-    """The final summary: each stage's headline numbers."""
+    """The final summary: each stage's headline numbers, and the comparison table when evaluated."""
+    from dadpo.bench import bench_rows, markdown_table
+
     lines = ["summary:"]
     for stage, summary in results.items():
+        if stage.endswith("evaluate"):
+            lines.append(markdown_table(bench_rows(summary)))
+            continue
         flat = {k: v for k, v in summary.items() if isinstance(v, int | float | str) and k != "model"}
         lines.append(f"  {stage}: " + json.dumps(flat, default=str)[:400])
     return "\n".join(lines)
@@ -84,6 +99,31 @@ def cmd_prune_recover(args) -> int:
             "student": "prune", "prompts": args.prompts, "data_dir": args.data_dir,
             "prune": {"ratio": args.ratio}, "recover": {"method": args.method}}
     return _execute(validate_recipe(apply_overrides(data, args.overrides), "prune-recover"))
+
+
+def cmd_bench(args) -> int:
+    import shlex
+    import sys
+
+    from dadpo.bench import write_bench
+    from dadpo.pipeline import BENCH_METHODS, bench_plan, run_recipe
+    from dadpo.recipe import load_recipe
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in BENCH_METHODS]
+    if bad or not methods:
+        raise DadpoError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from "
+                         f"{', '.join(BENCH_METHODS)}")
+    overrides = list(args.overrides) + ([f"output_dir={args.out}"] if args.out else [])
+    recipe = load_recipe(args.recipe, overrides)
+    if recipe.evaluate is None:
+        raise DadpoError(f"{args.recipe}: evaluate: bench needs an evaluate section")
+    stages = bench_plan(recipe, methods)
+    print(f"bench {recipe.name}: {', '.join(methods)} ({len(stages)} stages) into {recipe.output_dir}")
+    results = run_recipe(recipe, stages=stages)
+    command = "dadpo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    print(write_bench(Path(recipe.output_dir) / "bench", results["bench/evaluate"], command))
+    return 0
 
 
 def cmd_demo(args) -> int:

@@ -1,0 +1,56 @@
+"""The GPU recipes' first steps, and a resumable pipeline run, on tiny stand-in models (slow: real training)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dadpo.pipeline import MANIFEST, plan, run_recipe
+from dadpo.recipe import load_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+pytestmark = pytest.mark.slow
+
+
+def tiny(path: Path, tok, family: str = "llama", layers: int = 2, hidden: int = 64) -> str:
+    """A random-init chat model of a real architecture with the SmolLM2 tokenizer (a stand-in for 7B)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    torch.manual_seed(0)
+    cfg = cfg_cls(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                  tie_word_embeddings=True)
+    model_cls(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+SMALL = ["prune.calib_samples=4", "prune.ppl_max_windows=2", "prune.layers=null", "prune.sample_max_new_tokens=4",
+         "recover.train_prompts=4", "recover.eval_prompts=2", "recover.batch_size=2", "recover.grad_accum=1",
+         "recover.max_prompt_len=32", "recover.max_response_len=16", "recover.sampling.max_new_tokens=8",
+         "recover.sampling.batch_size=4", "recover.bf16=false", "recover.dsft.epochs=1", "evaluate=null"]
+
+
+@pytest.mark.parametrize("recipe", ["vicuna7b-prune20-dadpo.yaml", "qwen2.5-1.5b-from-7b-dadpo.yaml"])
+def test_gpu_recipe_first_steps_on_tiny_stand_in(recipe, tmp_path, smollm, data_aliases):
+    _, tok = smollm
+    family = "qwen2" if recipe.startswith("qwen") else "llama"
+    teacher = tiny(tmp_path / "teacher", tok, family, layers=3)
+    sets = [f"output_dir={tmp_path / 'run'}", f"teacher={teacher}", *SMALL]
+    if family == "qwen2":
+        sets += [f"student={tiny(tmp_path / 'student', tok, family, layers=2, hidden=32)}"]
+        sets = [s for s in sets if not s.startswith("prune.")]
+    r = load_recipe(RECIPES / recipe, sets)
+    results = run_recipe(r, echo=lambda s: None)
+    assert [s.name for s in plan(r)] == (["prune", "recover"] if family == "llama" else ["recover"])
+    model_dir = tmp_path / "run" / "recover" / "model"
+    assert (model_dir / "config.json").is_file() and results["recover"]["method"] == "dadpo"
+    if family == "llama":
+        assert abs(results["prune"]["ratio_achieved"] - 0.2) <= 0.005
+    for stage in results:
+        assert json.loads((tmp_path / "run" / stage / MANIFEST).read_text())["stage"] == stage
