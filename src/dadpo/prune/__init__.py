@@ -1,1 +1,27 @@
-"""The prune stage."""
+"""The prune stage: structured, GQA-aware pruning of a chat LLM to an exact fraction of its parameters.
+
+Design
+------
+- What is pruned: MLP intermediate channels (grouped by torch-pruning's dependency graph, traced per
+  MLP block) and attention heads (query heads one per KV group at a time, or whole KV groups with their
+  query heads, so the result is still valid GQA), in a chosen layer range. Cuts are made with
+  torch-pruning's pruning functions; no weights are copied by hand.
+- Importance: taylor (|w·∂L/∂w| on chat-formatted calibration data), activation (|w|·||x||),
+  magnitude (L2), random; summed over each unit's weights so scores compare across layers and kinds.
+- Ratio: a fraction of ALL parameters (embeddings counted), hit within ±0.5 pp by solving the MLP width
+  (uniform) or by removing the lowest score-per-parameter units across layers (global).
+- Saving: uniform results are plain models of their family (config widths updated), loadable with
+  `AutoModelForCausalLM.from_pretrained` anywhere. Non-uniform results use `DadpoPruned<Family>` config
+  and model classes (`dadpo.prune.modeling`) that carry per-layer widths in config.json; importing this
+  package registers them with transformers' Auto classes, so `from_pretrained` loads them too — no
+  pickles, no remote code.
+
+Modules: `config` (PruneConfig), `modeling` (registration), `importance` (scores), `plan` (what to cut),
+`pruner` (cutting), `api` (prune / prune_to_dir), `report`, `cli` (`dadpo prune`).
+"""
+
+from dadpo.prune import modeling as _modeling  # noqa: F401  (registers DadpoPruned* classes with transformers)
+from dadpo.prune.api import prune, prune_to_dir
+from dadpo.prune.config import PruneConfig
+
+__all__ = ["PruneConfig", "prune", "prune_to_dir"]

@@ -1,0 +1,83 @@
+"""`PruneConfig`: every knob of the prune stage, validated from plain dicts (CLI flags or a recipe's `prune:`).
+
+Validators only check values against each other; checks that need the model (layer range inside the
+model, reachability of the ratio) happen in `dadpo.prune.api` before any pruning or writing.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+IMPORTANCES = ("taylor", "activation", "magnitude", "random")
+TARGETS = ("mlp", "heads", "both")
+ALLOCATIONS = ("uniform", "global")
+_LAYERS = re.compile(r"^\s*(\d*)\s*:\s*(\d*)\s*$")
+
+
+class PruneConfig(BaseModel):
+    """What to prune, by which criterion, to which fraction of all parameters, and how to evaluate it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ratio: float = Field(0.2, description="fraction of ALL parameters to remove (embeddings counted), (0, 0.9]")
+    importance: Literal["taylor", "activation", "magnitude", "random"] = "taylor"
+    targets: Literal["mlp", "heads", "both"] = "both"
+    layers: str | None = Field(None, description='decoder layers to prune, "start:end" (Python slice), None = all')
+    allocation: Literal["uniform", "global"] = "uniform"
+    calib: str = Field("dolly", description="prompt set for calibration (alias, file or hub id)")
+    calib_samples: int = Field(64, ge=1)
+    calib_max_len: int = Field(256, ge=8, description="tokens per calibration sequence (prompt + reference)")
+    calib_batch_size: int = Field(8, ge=1)
+    mlp_round_to: int = Field(8, ge=1, description="MLP widths are cut in blocks of this many channels")
+    seed: int = 0
+    ppl_corpus: str = "wikitext2"
+    ppl_seq_len: int = Field(128, ge=2)
+    ppl_max_windows: int | None = Field(None, ge=0, description="None = whole corpus, 0 = skip perplexity")
+    sample_prompt: str = "Give three tips for staying healthy."
+    sample_max_new_tokens: int = Field(48, ge=0)
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        if not 0 < v <= 0.9:
+            raise ValueError(f"ratio must be in (0, 0.9], got {v}")
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        m = _LAYERS.match(v)
+        if not m:
+            raise ValueError(f'layers must look like "4:28" (start:end), got {v!r}')
+        start, end = m.groups()
+        if start and end and int(start) >= int(end):
+            raise ValueError(f"layers {v!r} is empty (start must be < end)")
+        return v.replace(" ", "")
+
+    def layer_range(self, n_layers: int) -> range:
+        """The decoder layers to prune in a model with `n_layers` layers (fails if the range leaves it)."""
+        from dadpo.errors import DadpoError
+
+        if self.layers is None:
+            return range(n_layers)
+        start, end = _LAYERS.match(self.layers).groups()
+        start, end = int(start or 0), int(end) if end else n_layers
+        if end > n_layers or start >= n_layers:
+            raise DadpoError(f"layers {self.layers!r} is outside the model's {n_layers} decoder layers (0:{n_layers})")
+        return range(start, end)
+
+
+def config_error(e, flags: bool = False) -> str:
+    """A pydantic ValidationError as one line naming the field(s) (as --flags for the CLI)."""
+    parts = []
+    for err in e.errors():
+        field = ".".join(str(x) for x in err["loc"]) or "prune"
+        field = "--" + field.replace("_", "-") if flags else field
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {msg}")
+    return "; ".join(parts)
