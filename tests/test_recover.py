@@ -218,3 +218,22 @@ def test_killed_training_resumes_to_the_same_metrics(tiny, tmp_path):
     b = json.loads((out / "metrics.json").read_text())["final"]
     for k in ("nll", "margin_ref", "margin_te", "reward_acc"):
         assert b[k] == pytest.approx(a[k], abs=1e-4), k
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_activation_checkpointing_gives_the_same_gradients(tiny, mode):
+    from transformers import AutoModelForCausalLM
+
+    from dadpo.recover.forward import response_logps
+    from dadpo.recover.trainer import enable_checkpointing
+
+    ids = torch.randint(0, 1000, (2, 24))
+    labels = ids.clone()
+    labels[:, :8] = -100
+    grads = []
+    for m in ("none", mode):
+        model = AutoModelForCausalLM.from_pretrained(tiny["student"]).train()
+        enable_checkpointing(model, m)
+        (-response_logps(model, ids, torch.ones_like(ids), labels).sums.sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)

@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-prompt-len", type=int, default=_D.max_prompt_len, help="prompt tokens kept")
     p.add_argument("--max-response-len", type=int, default=_D.max_response_len, help="response tokens kept")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for training and scoring")
+    p.add_argument("--activation-checkpointing", choices=["none", "selective", "full"],
+                   default=_D.activation_checkpointing,
+                   help="recompute activations in backward to save memory (selective: only elementwise ops)")
     p.add_argument("--seed", type=int, default=_D.seed, help="seed for sampling, data order and init")
     p.add_argument("--warmup-ratio", type=float, default=_D.warmup_ratio, help="linear warmup fraction")
     p.add_argument("--save-steps", type=int, default=_D.save_steps, help="checkpoint every N steps")
@@ -74,6 +77,7 @@ def config_from_args(args) -> RecoverConfig:
         "method": args.method, "beta1": args.beta1, "beta2": args.beta2, "lr": args.lr, "epochs": args.epochs,
         "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_prompt_len": args.max_prompt_len,
         "max_response_len": args.max_response_len, "bf16": args.bf16, "seed": args.seed,
+        "activation_checkpointing": args.activation_checkpointing,
         "warmup_ratio": args.warmup_ratio, "save_steps": args.save_steps, "train_prompts": args.train_prompts,
         "eval_prompts": args.eval_prompts, "lora": lora,
         "kd": {"kind": args.kd_kind, "top_k": args.kd_top_k, "weight": args.kd_weight,

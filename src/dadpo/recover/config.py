@@ -70,6 +70,9 @@ class RecoverConfig(_Section):
     max_response_len: int = Field(256, ge=1, description="response tokens kept (cut from the right)")
     lora: LoraConfig | None = Field(None, description="LoRA settings; null = full fine-tuning")
     bf16: bool = Field(False, description="bf16 autocast for training and scoring forward passes")
+    activation_checkpointing: Literal["none", "selective", "full"] = Field(
+        "none", description="recompute activations in backward: selective = only cheap elementwise ops "
+        "(norms, RoPE, SiLU), keeping matmul/attention outputs; full = whole decoder layers")
     seed: int = 0
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     save_steps: int = Field(50, ge=1, description="Trainer checkpoint every N optimizer steps (resume point)")

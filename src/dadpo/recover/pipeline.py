@@ -224,23 +224,26 @@ def _score(path: Path, ref_dir: Path, teacher: str, examples: list[dict], n_trai
     return scores
 
 
-def _training_args(cfg: RecoverConfig, stage: str, ckpt: Path):
+def training_args(cfg: RecoverConfig, stage: str, ckpt: Path, **overrides):
+    """TrainingArguments of a stage (`overrides` win: benchmarks set max_steps, save_strategy)."""
     from transformers import TrainingArguments
 
     dsft = stage == "dsft"
-    return TrainingArguments(
+    kwargs = dict(
         output_dir=str(ckpt), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.dsft.lr if dsft else cfg.lr,
         num_train_epochs=cfg.dsft.epochs if dsft else cfg.epochs, lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup_ratio, logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=2, bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed, report_to="none",
         remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False, weight_decay=0.0)
+    return TrainingArguments(**{**kwargs, **overrides})
 
 
-def build_trainer(model, tok, examples: list[dict], cfg: RecoverConfig, stage: str, ckpt: Path):
+def build_trainer(model, tok, examples: list[dict], cfg: RecoverConfig, stage: str, ckpt: Path, **overrides):
     """A `RecoverTrainer` for `stage` on `examples` (LoRA-wrapped when the config asks for it)."""
-    from dadpo.recover.trainer import RecoverTrainer
+    from dadpo.recover.trainer import RecoverTrainer, enable_checkpointing
 
+    enable_checkpointing(model, cfg.activation_checkpointing)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -248,7 +251,7 @@ def build_trainer(model, tok, examples: list[dict], cfg: RecoverConfig, stage: s
         model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                                                  target_modules=lc.target_modules, task_type="CAUSAL_LM"))
     model.config.use_cache = False
-    return RecoverTrainer(model=model, args=_training_args(cfg, stage, ckpt), train_dataset=examples,
+    return RecoverTrainer(model=model, args=training_args(cfg, stage, ckpt, **overrides), train_dataset=examples,
                           data_collator=PairCollator(tok.pad_token_id), recover=cfg, stage=stage)
 
 

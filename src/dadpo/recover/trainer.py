@@ -7,9 +7,11 @@ Trainer's own. Per-step logs add Δ_ref/Δ_te margins, reward accuracy and chose
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 
 import torch
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from transformers import Trainer
 
 from dadpo.recover.config import RecoverConfig
@@ -68,3 +70,25 @@ def recover_loss(model, inputs: dict, cfg: RecoverConfig, stage: str) -> tuple[t
         loss = loss + cfg.kd.weight * kd
         stats["kd"] = kd.item()
     return loss, stats
+
+
+_ATEN = torch.ops.aten
+#: ops whose outputs selective checkpointing keeps: everything costly to recompute
+_KEEP = {_ATEN.mm.default, _ATEN.addmm.default, _ATEN.bmm.default,
+         _ATEN._scaled_dot_product_flash_attention_for_cpu.default,
+         _ATEN._scaled_dot_product_efficient_attention.default, _ATEN._scaled_dot_product_flash_attention.default}
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _KEEP else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def enable_checkpointing(model, mode: str) -> None:
+    """Per-decoder-layer activation checkpointing: "full" recomputes whole layers in backward, "selective"
+    recomputes only elementwise ops (norms, RoPE, SiLU, residual adds) and keeps matmul/attention outputs."""
+    if mode == "none":
+        return
+    kwargs = {"use_reentrant": False}
+    if mode == "selective":
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _keep_matmuls)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
