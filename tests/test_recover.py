@@ -180,6 +180,18 @@ def test_pipeline_end_to_end_lora_with_kd_and_resume_guards(tiny, tmp_path):
     assert run_recover(tiny["student"], tiny["teacher"], tiny["prompts"], out, cfg) == metrics
     with pytest.raises(DadpoError, match=r"other settings \(config\.beta1\)"):
         run_recover(tiny["student"], tiny["teacher"], tiny["prompts"], out, {**cfg, "beta1": 0.5})
+    # a sibling run with another method links the shared work instead of redoing it
+    other = tmp_path / "dpo"
+    m2 = run_recover(tiny["student"], tiny["teacher"], tiny["prompts"], other, {**cfg, "method": "dpo"},
+                     reuse=[out])
+    for name in ("teacher.jsonl", "dsft", "student.jsonl", "scores.pt"):
+        assert (other / name).is_symlink(), name
+    assert m2["dsft"] == metrics["dsft"] and m2["final"]["nll"] != metrics["final"]["nll"]
+    m3 = run_recover(tiny["student"], tiny["teacher"], tiny["prompts"], tmp_path / "kd",
+                     {**cfg, "method": "kd", "kd": {"kind": "jsd", "top_k": 4}}, reuse=[out, other])
+    assert (tmp_path / "kd" / "scores.pt").is_symlink() and "reward_acc" not in m3["final"]
+    hist = json.loads((tmp_path / "kd" / "train" / "log_history.json").read_text())
+    assert any("kd" in h for h in hist) and not any("margin_ref" in h for h in hist)
     with pytest.raises(DadpoError, match="not a recover run"):
         (tmp_path / "junk").mkdir()
         (tmp_path / "junk" / "x").write_text("x")

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -38,14 +39,21 @@ log = logging.getLogger(__name__)
 
 
 def run_recover(student: str, teacher: str, prompts: str, out_dir: str | os.PathLike,
-                config: RecoverConfig | dict | None = None, overwrite: bool = False) -> dict:
-    """Recover `student` from `teacher` on `prompts` into `out_dir`; returns the metrics dict."""
+                config: RecoverConfig | dict | None = None, overwrite: bool = False,
+                reuse: Sequence[str | os.PathLike] = ()) -> dict:
+    """Recover `student` from `teacher` on `prompts` into `out_dir`; returns the metrics dict.
+
+    `reuse`: other recover output dirs (e.g. the same recipe with another method); their method-independent
+    artefacts (teacher/student responses, dSFT model, scores) are linked in when made with the same settings.
+    """
     cfg = config if isinstance(config, RecoverConfig) else RecoverConfig.parse(config or {})
     out = Path(out_dir)
     train_recs, eval_recs = _split(load_prompts(prompts), cfg, prompts)
     tok = check_same_vocab(student, teacher)
-    _claim(out, {"student": str(student), "teacher": str(teacher), "prompts": str(prompts),
-                 "config": cfg.model_dump(mode="json")}, overwrite)
+    manifest = {"student": str(student), "teacher": str(teacher), "prompts": str(prompts),
+                "config": cfg.model_dump(mode="json")}
+    _claim(out, manifest, overwrite)
+    _link_shared(out, [Path(r) for r in reuse], manifest, cfg)
     if (out / "metrics.json").is_file() and (out / "model" / "config.json").is_file():
         import json
 
@@ -127,6 +135,45 @@ def _claim(out: Path, manifest: dict, overwrite: bool) -> None:
     elif out.exists() and any(out.iterdir()):
         raise DadpoError(f"--out {out} exists and is not a recover run; use --overwrite or another --out")
     atomic_write_json(path, manifest)
+
+
+#: artefacts that do not depend on the last stage's method, β, lr, epochs or KD weighting
+_SHARED = ("teacher.jsonl", "start_nll.json", "dsft", "dsft_nll.json", "student.jsonl", "scores.pt")
+_METHOD_ONLY = ("method", "beta1", "beta2", "lr", "epochs", "kd", "activation_checkpointing", "save_steps")
+
+
+def _shared_key(manifest: dict) -> dict:
+    return {**manifest, "config": {k: v for k, v in manifest["config"].items() if k not in _METHOD_ONLY}}
+
+
+def _link_shared(out: Path, reuse: list[Path], manifest: dict, cfg: RecoverConfig) -> None:
+    """Symlink method-independent artefacts from sibling runs made with the same shared settings."""
+    import json
+
+    key = _shared_key(manifest)
+    for other in reuse:
+        path = other / "recover.json"
+        if other.resolve() == out.resolve() or not path.is_file():
+            continue
+        if _shared_key(json.loads(path.read_text())) != key:
+            continue
+        for name in _SHARED:
+            src, dst = other / name, out / name
+            if dst.exists() or dst.is_symlink() or not src.exists():
+                continue
+            if name == "dsft" and not (src / "model" / "config.json").is_file():
+                continue
+            if name == "scores.pt" and not _scores_fit(torch.load(src, weights_only=True), cfg):
+                continue
+            os.symlink(src.resolve(), dst)
+            log.info("reusing %s from %s", name, other)
+
+
+def _scores_fit(scores: dict, cfg: RecoverConfig) -> bool:
+    """Cached scores serve `cfg` if they hold rejected log-probs (pairs) and top-k (KD) where it needs them."""
+    first = next(iter(scores.values()), {})
+    return ((not cfg.needs_pairs or "ref_rejected_logps" in first)
+            and (not cfg.needs_topk or first.get("topk_ids", torch.empty(0, 0)).shape[-1] == cfg.kd.top_k))
 
 
 def _cached_json(path: Path, make) -> dict:

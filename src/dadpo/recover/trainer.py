@@ -48,7 +48,8 @@ def recover_loss(model, inputs: dict, cfg: RecoverConfig, stage: str) -> tuple[t
         loss = sft_loss(out.tokens)
         stats["nll"] = loss.item()
         return loss, stats
-    n = inputs["input_ids"].shape[0] // (2 if "ref_chosen_logps" in inputs else 1)
+    rows = inputs["input_ids"].shape[0]
+    n = rows // 2 if stage in ("dpo", "dadpo") else rows  # pairs: chosen rows first, then rejected
     loss = torch.zeros((), device=out.tokens.device)
     if stage in ("dpo", "dadpo"):
         pc, pr = out.sums[:n], out.sums[n:]
