@@ -374,7 +374,8 @@ def _eval_nll(spec: str, records: list[PromptRecord], teacher_rows: dict[str, st
 
 @torch.no_grad()
 def _eval_pairs(spec: str, examples: list[dict], scores: dict, cfg: RecoverConfig) -> dict:
-    """Held-out pairs under the final model: mean Δ_ref/Δ_te and reward accuracy of β1·Δ_ref + β2·Δ_te > 0."""
+    """Held-out pairs under the final model: mean Δ_ref/Δ_te, reward accuracy (Δ_ref > 0) and objective
+    accuracy (β1·Δ_ref + β2·Δ_te > 0)."""
     if not examples or "rejected_ids" not in examples[0]:
         return {}
     model, tok = _load(spec)
@@ -390,6 +391,6 @@ def _eval_pairs(spec: str, examples: list[dict], scores: dict, cfg: RecoverConfi
     d_ref, d_te = torch.cat(d_refs), torch.cat(d_tes)
     beta2 = cfg.beta2 if cfg.method == "dadpo" else 0.0
     u = cfg.beta1 * d_ref + beta2 * d_te
-    return {"reward_acc": (u > 0).float().mean().item(), "ref_reward_acc": (d_ref > 0).float().mean().item(),
+    return {"reward_acc": (d_ref > 0).float().mean().item(), "objective_acc": (u > 0).float().mean().item(),
             "margin_ref": d_ref.mean().item(),
             "margin_te": d_te.mean().item(), "pairs": len(d_ref)}

@@ -2,7 +2,9 @@
 
 π_ref and π_te log-probs (and teacher top-k) are precomputed in the dataset, so only the policy is
 resident. Everything else — accelerate, DDP/FSDP/DeepSpeed, checkpoints, resume, logging — is the
-Trainer's own. Per-step logs add Δ_ref/Δ_te margins, reward accuracy and chosen/rejected log-probs.
+Trainer's own. Per-step logs add Δ_ref/Δ_te margins, reward accuracy (Δ_ref > 0: the DPO implicit reward β·log πθ/π_ref
+ranks chosen over rejected, as TRL reports it), objective accuracy (β1·Δ_ref + β2·Δ_te > 0, daDPO's own
+implicit reward) and chosen/rejected log-probs.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def recover_loss(model, inputs: dict, cfg: RecoverConfig, stage: str) -> tuple[t
             d_ref, d_te = dadpo_margins(pc, pr, rc, rr, tc, tr)
             u = cfg.beta1 * d_ref + beta2 * d_te
             stats.update({"pref_loss": loss.item(), "margin_ref": d_ref.mean().item(),
-                          "margin_te": d_te.mean().item(), "reward_acc": (u > 0).float().mean().item(),
+                          "margin_te": d_te.mean().item(), "reward_acc": (d_ref > 0).float().mean().item(),
+                          "objective_acc": (u > 0).float().mean().item(),
                           "logps_chosen": pc.mean().item(), "logps_rejected": pr.mean().item()})
     if cfg.kd.weight > 0 and "topk_logps" in inputs:
         chosen = out.rows < n
