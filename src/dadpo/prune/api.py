@@ -21,19 +21,15 @@ log = logging.getLogger(__name__)
 def prune(model, tokenizer, config: PruneConfig) -> dict:
     """Remove `config.ratio` of all parameters from `model` in place; return what was done."""
     from dadpo.prune.importance import calibration_batches, score_units
-    from dadpo.prune.plan import make_plan, max_removable
-    from dadpo.prune.pruner import apply_plan, build_units, check_supported, count_params, layer_widths
+    from dadpo.prune.plan import make_plan
+    from dadpo.prune.pruner import apply_plan, build_units, count_params, layer_widths
 
     t0 = time.time()
-    check_supported(model.config)
+    check_reachable(model, config)
     layers = config.layer_range(len(model.model.layers))
     before = count_params(model)
     target = round(config.ratio * before["total"])
     units, graphs = build_units(model, layers)
-    reachable = max_removable(units, config.targets)
-    if target > reachable + 0.005 * before["total"]:
-        raise DadpoError(f"ratio {config.ratio} cannot be reached with targets={config.targets} in layers "
-                         f"{config.layers or 'all'} (at most {reachable / before['total']:.3f} removable)")
     batches = []
     if config.importance in ("taylor", "activation"):
         batches = calibration_batches(tokenizer, config)
@@ -60,6 +56,20 @@ def prune(model, tokenizer, config: PruneConfig) -> dict:
                         "tokens": int(sum(b["attention_mask"].sum() for b in batches))} if batches else None,
         "prune_seconds": round(time.time() - t0, 2),
     }
+
+
+def check_reachable(model, config: PruneConfig) -> None:
+    """Fail unless the family is supported, the layer range fits and the ratio is within reach."""
+    from dadpo.prune.plan import max_removable
+    from dadpo.prune.pruner import build_units, check_supported, count_params
+
+    check_supported(model.config)
+    units, _ = build_units(model, config.layer_range(len(model.model.layers)))
+    total = count_params(model)["total"]
+    reachable = max_removable(units, config.targets)
+    if config.ratio * total > reachable + 0.005 * total:
+        raise DadpoError(f"--ratio {config.ratio} cannot be reached with targets={config.targets} in layers "
+                         f"{config.layers or 'all'} (at most {reachable / total:.3f} removable)")
 
 
 def _library_versions() -> dict[str, str]:
@@ -111,7 +121,7 @@ def _reload_diff(model, path: Path) -> float:
 def prune_to_dir(model_spec: str, out_dir, config: PruneConfig, overwrite: bool = False, *,
                  dtype: str = "float32", trust_remote_code: bool = False) -> dict:
     """Prune a model spec into `out_dir` (safetensors, tokenizer, pruning.json, report.json/md); returns report."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from dadpo.evaluate.perplexity import load_corpus
     from dadpo.models import load_model, resolve_model
@@ -126,7 +136,8 @@ def prune_to_dir(model_spec: str, out_dir, config: PruneConfig, overwrite: bool 
     except (OSError, ValueError) as e:
         raise DadpoError(f"--model {model_spec}: cannot read its config ({str(e).splitlines()[0]})") from None
     check_supported(model_config)
-    config.layer_range(model_config.num_hidden_layers)
+    with torch.device("meta"):  # shapes only: check the range and the ratio before loading weights
+        check_reachable(AutoModelForCausalLM.from_config(model_config), config)
     if config.importance in ("taylor", "activation"):
         from dadpo.data import load_prompts
 

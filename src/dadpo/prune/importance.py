@@ -79,6 +79,7 @@ def calibration_batches(tokenizer, config: PruneConfig) -> list[dict[str, torch.
     for r in records:
         msgs = r.messages + ([{"role": "assistant", "content": r.reference}] if r.reference else [])
         texts.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=not r.reference))
+    texts.sort(key=len)  # batch similar lengths together: less padding, same tokens
     batches = []
     for start in range(0, len(texts), config.calib_batch_size):
         enc = tokenizer(texts[start:start + config.calib_batch_size], return_tensors="pt", padding=True,
