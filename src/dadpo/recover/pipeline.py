@@ -16,6 +16,7 @@ the first missing artefact, and training resumes from its last Trainer checkpoin
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import shutil
@@ -55,8 +56,6 @@ def run_recover(student: str, teacher: str, prompts: str, out_dir: str | os.Path
     _claim(out, manifest, overwrite)
     _link_shared(out, [Path(r) for r in reuse], manifest, cfg)
     if (out / "metrics.json").is_file() and (out / "model" / "config.json").is_file():
-        import json
-
         log.info("%s is complete; nothing to do", out)
         return json.loads((out / "metrics.json").read_text())
 
@@ -116,8 +115,6 @@ def check_same_vocab(student: str, teacher: str):
 
 def _claim(out: Path, manifest: dict, overwrite: bool) -> None:
     """Record what `out` is made with; refuse to mix settings in one directory unless overwriting."""
-    import json
-
     path = out / "recover.json"
     if path.is_file() and not overwrite:
         old = json.loads(path.read_text())
@@ -148,8 +145,6 @@ def _shared_key(manifest: dict) -> dict:
 
 def _link_shared(out: Path, reuse: list[Path], manifest: dict, cfg: RecoverConfig) -> None:
     """Symlink method-independent artefacts from sibling runs made with the same shared settings."""
-    import json
-
     key = _shared_key(manifest)
     for other in reuse:
         path = other / "recover.json"
@@ -177,8 +172,6 @@ def _scores_fit(scores: dict, cfg: RecoverConfig) -> bool:
 
 
 def _cached_json(path: Path, make) -> dict:
-    import json
-
     if path.is_file():
         return json.loads(path.read_text())
     obj = make()
