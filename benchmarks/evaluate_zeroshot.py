@@ -33,7 +33,7 @@ def main() -> None:
     import torch
 
     model, tok = load_model(args.model)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = run_zeroshot(
         model,
         tok,
@@ -47,15 +47,13 @@ def main() -> None:
         "model": args.model,
         "limit": args.limit,
         "wall_s": round(wall, 1),
+        "cpu_s": round(time.process_time() - c0, 1),
         "threads": torch.get_num_threads(),
         "results": res,
     }
     atomic_write_json(args.out, out)
     for task, row in res.items():
-        print(
-            f"{task:14s} n={row['n']:6d} acc={row['acc']:.4f} "
-            f"acc_norm={row.get('acc_norm', float('nan')):.4f}"
-        )
+        print(f"{task:14s} n={row['n']:6d} acc={row['acc']:.4f} acc_norm={row.get('acc_norm', float('nan')):.4f}")
     print(f"wall {wall:.1f}s")
 
 

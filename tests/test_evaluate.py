@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from pydantic import ValidationError
@@ -18,23 +15,37 @@ from dadpo.evaluate.answers import load_eval_set, pair_items, rouge_l
 def test_config_defaults_and_recipe_section():
     cfg = EvalConfig()
     assert cfg.sets == ["vicuna_bench"] and cfg.generation.temperature == 0 and cfg.judge.kind == "local"
-    cfg = EvalConfig.model_validate({"sets": ["dolly", "mt_bench"], "tasks": ["piqa", "boolq"], "limit": 5,
-                                     "judge": {"kind": "openai", "model": "gpt-4o", "base_url": "http://x/v1",
-                                               "api_key_env": "K", "concurrency": 8}})
+    cfg = EvalConfig.model_validate(
+        {
+            "sets": ["dolly", "mt_bench"],
+            "tasks": ["piqa", "boolq"],
+            "limit": 5,
+            "judge": {
+                "kind": "openai",
+                "model": "gpt-4o",
+                "base_url": "http://x/v1",
+                "api_key_env": "K",
+                "concurrency": 8,
+            },
+        }
+    )
     assert cfg.judge.concurrency == 8 and cfg.tasks == ["piqa", "boolq"]
 
 
-@pytest.mark.parametrize(("data", "field"), [
-    ({"sets": ["dolly", "nope"]}, "sets"),
-    ({"tasks": ["mmlu"]}, "tasks"),
-    ({"limit": 0}, "limit"),
-    ({"seq_lens": [1]}, "seq_lens"),
-    ({"judge": {"kind": "claude"}}, "judge.kind"),
-    ({"judge": {"base_url": "ftp://x"}}, "judge.base_url"),
-    ({"judge": {"concurrency": 0}}, "judge.concurrency"),
-    ({"bogus": 1}, "bogus"),
-    ({"generation": {"top_p": 2}}, "generation.top_p"),
-])
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"sets": ["dolly", "nope"]}, "sets"),
+        ({"tasks": ["mmlu"]}, "tasks"),
+        ({"limit": 0}, "limit"),
+        ({"seq_lens": [1]}, "seq_lens"),
+        ({"judge": {"kind": "claude"}}, "judge.kind"),
+        ({"judge": {"base_url": "ftp://x"}}, "judge.base_url"),
+        ({"judge": {"concurrency": 0}}, "judge.concurrency"),
+        ({"bogus": 1}, "bogus"),
+        ({"generation": {"top_p": 2}}, "generation.top_p"),
+    ],
+)
 def test_config_errors_name_the_field(data, field):
     with pytest.raises(ValidationError) as e:
         EvalConfig.model_validate(data)
@@ -54,9 +65,19 @@ def test_dolly_is_the_held_out_head(data_aliases):
 
 def test_pair_items_cover_both_orders_and_every_turn():
     def row(who: str) -> dict:
-        msgs = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": f"{who}1"},
-                {"role": "user", "content": "q2"}, {"role": "assistant", "content": f"{who}2"}]
-        return {"id": "7", "category": "c", "messages": msgs, "responses": [f"{who}1", f"{who}2"], "reference": "r"}
+        msgs = [
+            {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": f"{who}1"},
+            {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": f"{who}2"},
+        ]
+        return {
+            "id": "7",
+            "category": "c",
+            "messages": msgs,
+            "responses": [f"{who}1", f"{who}2"],
+            "reference": "r",
+        }
 
     triples = pair_items("mt_bench", [row("s")], [row("t")])
     assert [m["turn"] for m, _, _ in triples] == [1, 2]
@@ -67,44 +88,141 @@ def test_pair_items_cover_both_orders_and_every_turn():
 
 
 def test_rouge_l():
-    rows = [{"reference": "the cat sat on the mat", "response": "the cat sat on the mat"},
-            {"reference": "the cat sat on the mat", "response": "dogs bark"}, {"reference": None, "response": "x"}]
+    rows = [
+        {"reference": "the cat sat on the mat", "response": "the cat sat on the mat"},
+        {"reference": "the cat sat on the mat", "response": "dogs bark"},
+        {"reference": None, "response": "x"},
+    ]
     assert rouge_l(rows) == {"rougeL": pytest.approx(50.0), "n": 2}
 
 
-def _dadpo(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dadpo", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+def _dadpo(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the real `dadpo` entry point in-process: (exit code, stdout, stderr)."""
+    from dadpo.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_cli_help_explains_options():
-    r = _dadpo("evaluate", "--help")
-    assert r.returncode == 0
-    for opt in ("--students", "--teacher", "--sets", "--judge", "--judge-api-key-env", "--tasks", "--ppl", "--out"):
-        assert opt in r.stdout
+def test_cli_help_explains_options(capsys):
+    code, out, _ = _dadpo(capsys, "evaluate", "--help")
+    assert code == 0
+    for opt in (
+        "--students",
+        "--teacher",
+        "--sets",
+        "--judge",
+        "--judge-api-key-env",
+        "--tasks",
+        "--ppl",
+        "--out",
+    ):
+        assert opt in out
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    (["--sets", "dolly,bogus"], "sets: unknown bogus"),
-    (["--tasks", "piqa,mmlu"], "tasks: unknown mmlu"),
-    (["--judge", "gpt4"], "--judge"),
-    (["--judge", "openai:gpt-4o", "--judge-api-key-env", "NO_SUCH_KEY_VAR"], "NO_SUCH_KEY_VAR"),
-])
-def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, needle):
-    r = _dadpo("evaluate", "--students", "smollm2-135m-instruct", "--teacher", "smollm2-135m-instruct",
-               "--out", str(tmp_path / "o"), *args, env={"NO_SUCH_KEY_VAR": ""})
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--sets", "dolly,bogus"], "sets: unknown bogus"),
+        (["--tasks", "piqa,mmlu"], "tasks: unknown mmlu"),
+        (["--judge", "gpt4"], "--judge"),
+        (["--judge", "openai:gpt-4o", "--judge-api-key-env", "NO_SUCH_KEY_VAR"], "NO_SUCH_KEY_VAR"),
+        (["--seq-lens", "128,x"], "--seq-lens"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2(capsys, monkeypatch, tmp_path, args, needle):
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    code, _, err = _dadpo(
+        capsys,
+        "evaluate",
+        "--students",
+        "smollm2-135m-instruct",
+        "--teacher",
+        "smollm2-135m-instruct",
+        "--out",
+        str(tmp_path / "o"),
+        *args,
+    )
+    assert code == 2, err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dadpo evaluate: error:") and needle in lines[0]
 
 
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory, smollm_dir):
+    """Two tiny random-init Llama chat models on disk (SmolLM2's tokenizer): pipeline mechanics in seconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dadpo.models import load_tokenizer
+
+    tok = load_tokenizer(str(smollm_dir))
+    paths = []
+    for seed, hidden in ((0, 64), (1, 32)):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        path = tmp_path_factory.mktemp(f"tiny{hidden}")
+        LlamaForCausalLM(cfg).save_pretrained(path)
+        tok.save_pretrained(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_cli_end_to_end_on_tiny_models_then_rerun_pays_nothing(capsys, data_aliases, tiny_dirs, tmp_path):
+    teacher, student = tiny_dirs
+    out = tmp_path / "eval"
+    corpus = tmp_path / "c.txt"
+    corpus.write_text((data_aliases / "wikitext2_raw/test.joined.txt").read_text()[:3000])
+    argv = ["evaluate", "--students", f"small={student}", "--teacher", teacher, "--sets", "vicuna_bench,mt_bench",
+            "--limit", "2", "--max-new-tokens", "6", "--judge", f"local:{teacher}", "--ppl", str(corpus),
+            "--seq-lens", "32", "--out", str(out)]  # fmt: skip
+    code, stdout, err = _dadpo(capsys, *argv)
+    assert code == 0, err
+    assert "small vs teacher on vicuna_bench: preference" in stdout
+    res = json.loads((out / "results.json").read_text())
+    mt = res["pairwise"]["small"]["mt_bench"]["overall"]
+    assert mt["n"] + mt["invalid"] == 4  # 2 questions x 2 turns
+    assert res["students"]["small"]["params"] < res["teacher"]["params"]
+    assert res["judge"] == f"local:{teacher}" and res["config"]["limit"] == 2
+    # both orders of every turn: at most 12 distinct judge prompts (fewer when tiny models answer alike)
+    assert 0 < len((out / "verdicts.jsonl").read_text().splitlines()) <= 2 * (2 + 4)
+    for name in ["report.md", *res["plots"]]:
+        assert (out / name).stat().st_size > 0
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.jsonl")}
+    code, again, _ = _dadpo(capsys, *argv)
+    assert code == 0 and again == stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.jsonl")} == stamps  # nothing generated or judged
+
+
+@pytest.mark.slow
 def test_run_evaluate_end_to_end_then_rerun_pays_nothing(data_aliases, smollm_dir, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text((data_aliases / "wikitext2_raw/test.joined.txt").read_text()[:6000])
-    cfg = EvalConfig.model_validate({
-        "sets": ["vicuna_bench", "dolly"], "limit": 2, "generation": {"max_new_tokens": 12, "batch_size": 2},
-        "judge": {"kind": "local", "model": "smollm2-135m-instruct", "batch_size": 4},
-        "ppl_corpora": [str(corpus)], "seq_lens": [64], "bootstrap": 200})
+    cfg = EvalConfig.model_validate(
+        {
+            "sets": ["vicuna_bench", "dolly"],
+            "limit": 2,
+            "generation": {"max_new_tokens": 12, "batch_size": 2},
+            "judge": {"kind": "local", "model": "smollm2-135m-instruct", "batch_size": 4},
+            "ppl_corpora": [str(corpus)],
+            "seq_lens": [64],
+            "bootstrap": 200,
+        }
+    )
     out = tmp_path / "eval"
     res = run_evaluate({"same": "smollm2-135m-instruct"}, "smollm2-135m-instruct", out, cfg, progress=False)
     vic = res["pairwise"]["same"]["vicuna_bench"]["overall"]

@@ -95,6 +95,7 @@ def test_local_judge_reads_logprobs_and_caches(smollm, tmp_path):
     assert len((tmp_path / "v.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_local_judge_is_deterministic_in_batches(smollm, tmp_path):
     model, tok = smollm
     one = LocalJudge(model, tok, "m", batch_size=1).judge(ITEMS, VerdictCache(tmp_path / "1.jsonl"), False)

@@ -31,8 +31,7 @@ def render_markdown(results: dict) -> str:
             "Preference rate = win − loss; adjusted win rate = win + ½ tie; brackets: 95% bootstrap CI. "
             "Flip rate = share of pairs whose verdict changed with the order.",
             "",
-            "| student | set | n | win % | tie % | loss % | preference % | adjusted win % | flip % "
-            "| invalid |",
+            "| student | set | n | win % | tie % | loss % | preference % | adjusted win % | flip % | invalid |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for student, sets in results["pairwise"].items():
@@ -83,14 +82,9 @@ def render_markdown(results: dict) -> str:
         for name, m in models.items():
             zs = m.get("zeroshot", {})
             cells = [
-                f"{_fmt(100 * zs[t]['acc'])} / {_fmt(100 * zs[t].get('acc_norm'))}"
-                if t in zs
-                else "–"
-                for t in tasks
+                f"{_fmt(100 * zs[t]['acc'])} / {_fmt(100 * zs[t].get('acc_norm'))}" if t in zs else "–" for t in tasks
             ]
-            lines.append(
-                f"| {name} | {m['params'] / 1e6:.1f} | " + " | ".join(cells) + f" | {_fmt(mean_acc(m))} |"
-            )
+            lines.append(f"| {name} | {m['params'] / 1e6:.1f} | " + " | ".join(cells) + f" | {_fmt(mean_acc(m))} |")
         lines.append("")
     ppl = [(name, r) for name, m in models.items() for r in m.get("perplexity", [])]
     if ppl:
@@ -100,9 +94,7 @@ def render_markdown(results: dict) -> str:
             "| model | corpus | seq_len | windows | PPL |",
             "|---|---|---|---|---|",
         ]
-        lines += [
-            f"| {n} | {r['corpus']} | {r['seq_len']} | {r['windows']} | {r['ppl']:.2f} |" for n, r in ppl
-        ]
+        lines += [f"| {n} | {r['corpus']} | {r['seq_len']} | {r['windows']} | {r['ppl']:.2f} |" for n, r in ppl]
         lines.append("")
     lines += [f"Plots: {', '.join(f'`{p}`' for p in results.get('plots', []))}", ""]
     return "\n".join(lines)
@@ -136,9 +128,7 @@ def write_plots(results: dict, out_dir: str | os.PathLike) -> list[str]:
     models = {"teacher": results["teacher"], **results["students"]}
     if results.get("pairwise"):
         rows = [
-            (f"{st} · {s}", summ["overall"])
-            for st, sets in results["pairwise"].items()
-            for s, summ in sets.items()
+            (f"{st} · {s}", summ["overall"]) for st, sets in results["pairwise"].items() for s, summ in sets.items()
         ]
         fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.4))
         left = [0.0] * len(rows)
@@ -154,8 +144,8 @@ def write_plots(results: dict, out_dir: str | os.PathLike) -> list[str]:
         ax.set_xlim(0, 115)
         ax.invert_yaxis()
         ax.set_xlabel("% of questions (student vs teacher, both orders)")
-        ax.set_title(f"Judged against the teacher ({results.get('judge')})")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.set_title(f"Judged against the teacher\n({results.get('judge')})", loc="left", fontsize=10)
+        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, fontsize=8, frameon=False)
         _save(fig, out_dir / "winrate.png")
         plt.close(fig)
         written.append("winrate.png")
@@ -178,9 +168,10 @@ def write_plots(results: dict, out_dir: str | os.PathLike) -> list[str]:
     if score:
         label, points = score
         fig, ax = plt.subplots(figsize=(6, 4))
-        for name, params, value in points:
+        for k, (name, params, value) in enumerate(points):
             ax.scatter(params / 1e6, value, s=40)
-            ax.annotate(name, (params / 1e6, value), textcoords="offset points", xytext=(5, 5), fontsize=9)
+            # staggered labels stay readable when models coincide (e.g. a student equal to the teacher)
+            ax.annotate(name, (params / 1e6, value), textcoords="offset points", xytext=(6, 6 - 11 * k), fontsize=9)
         ax.set_xlabel("parameters (M)")
         ax.set_ylabel(label)
         ax.set_title("Size vs quality")

@@ -113,18 +113,6 @@ def judge_student(
     return out
 
 
-def _free(*objs) -> None:
-    del objs
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
-
-
 def run_evaluate(
     students: dict[str, str],
     teacher: str,
@@ -159,8 +147,8 @@ def run_evaluate(
         metrics[name] = model_metrics(model, tok, name, spec, out_dir, config, progress)
         if config.judge and config.judge.kind == "local" and config.judge.model == spec:
             keep_for_judge[spec] = (model, tok)  # the judge is this model: keep it instead of reloading
-        else:
-            _free(model, tok)
+        del model, tok  # one model in memory at a time
+        gc.collect()
     pairwise = {}
     if config.sets and config.judge:
         judge = judge or make_judge(config.judge, keep_for_judge)
