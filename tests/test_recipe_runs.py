@@ -15,13 +15,14 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 pytestmark = pytest.mark.slow
 
 
-def tiny(path: Path, tok, family: str = "llama", layers: int = 2, hidden: int = 64) -> str:
-    """A random-init chat model of a real architecture with the SmolLM2 tokenizer (a stand-in for 7B)."""
+def tiny(path: Path, tok, family: str = "llama", layers: int = 2, hidden: int = 64, mlp: int = 256) -> str:
+    """A random-init chat model of a real architecture with the SmolLM2 tokenizer (a stand-in for 7B).
+    Its 49k-token embedding dominates, so a wide MLP leaves 20% of all parameters prunable."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
     torch.manual_seed(0)
-    cfg = cfg_cls(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+    cfg = cfg_cls(vocab_size=len(tok), hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                   tie_word_embeddings=True)
@@ -40,7 +41,7 @@ SMALL = ["prune.calib_samples=4", "prune.ppl_max_windows=2", "prune.layers=null"
 def test_gpu_recipe_first_steps_on_tiny_stand_in(recipe, tmp_path, smollm, data_aliases):
     _, tok = smollm
     family = "qwen2" if recipe.startswith("qwen") else "llama"
-    teacher = tiny(tmp_path / "teacher", tok, family, layers=3)
+    teacher = tiny(tmp_path / "teacher", tok, family, layers=4, hidden=128, mlp=2048)
     sets = [f"output_dir={tmp_path / 'run'}", f"teacher={teacher}", *SMALL]
     if family == "qwen2":
         sets += [f"student={tiny(tmp_path / 'student', tok, family, layers=2, hidden=32)}"]
