@@ -56,7 +56,8 @@ class DSFTConfig(_Section):
 
 class RecoverConfig(_Section):
     """A recover run: dSFT → pairs → scoring → preference/KD training. `method` picks the last stage:
-    dsft (stop after dSFT), kd (token KD), dpo (dDPO, β1 only), dadpo (β1·Δ_ref + β2·Δ_te)."""
+    dsft (stop after dSFT), kd (token KD), dpo (dDPO, β1 only), dadpo (β1·Δ_ref + β2·Δ_te). Every last
+    stage starts from the dSFT model (π_ref), as in Zephyr's dDPO and the daDPO paper."""
 
     method: Literal["dsft", "kd", "dpo", "dadpo"] = "dadpo"
     beta1: float = Field(0.1, description="β1: weight of the KL to π_ref (the DPO β)")
