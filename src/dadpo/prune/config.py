@@ -24,7 +24,7 @@ class PruneConfig(BaseModel):
 
     ratio: float = Field(0.2, description="fraction of ALL parameters to remove (embeddings counted), (0, 0.9]")
     importance: Literal["taylor", "activation", "magnitude", "random"] = "taylor"
-    targets: Literal["mlp", "heads", "both"] = "both"
+    targets: Literal["mlp", "heads", "both"] = "mlp"
     layers: str | None = Field(None, description='decoder layers to prune, "start:end" (Python slice), None = all')
     allocation: Literal["uniform", "global"] = "uniform"
     calib: str = Field("dolly", description="prompt set for calibration (alias, file or hub id)")
