@@ -127,9 +127,8 @@ def recover_stage(recipe: Recipe, out: Path, name: str = "recover", config=None,
     def run(d: Path, resume: bool) -> dict:
         from dadpo.recover import run_recover
 
-        shared = [r for r in reuse if r.is_dir()]
         metrics = run_recover(student_path(recipe, out), recipe.teacher, recipe.prompts, d, cfg,
-                              overwrite=not resume, **({"reuse": shared} if shared else {}))
+                              overwrite=not resume, reuse=[r for r in reuse if r.is_dir()])
         return {"model": str(d / "model"), **metrics}
 
     return Stage(name, {"teacher": recipe.teacher, "student": recipe.student, "prompts": recipe.prompts,
