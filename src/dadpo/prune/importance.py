@@ -5,8 +5,9 @@ dependency graph (gate/up rows + down column); a query head is its q_proj rows +
 head its k_proj + v_proj rows. Scores are sums over the unit's weights, so they compare across layers
 and unit kinds (divide by the unit's parameter count for a per-parameter importance):
 
-- taylor: sum |w * dL/dw| with the LM loss gradient accumulated over the calibration set (LLM-Pruner's
-  element-wise first order),
+- taylor: sum |w * dL/dw| (LLM-Pruner's element-wise first order), the absolute value taken per
+  calibration batch and summed over batches: on SmolLM2 this beat |w * gradient of the summed loss|
+  (WikiText-2 PPL 193 vs 213 at 20%), since the mean gradient of a converged model mostly cancels,
 - activation: sum |w| * ||x|| with x the Linear's input over the calibration set (Wanda-style),
 - magnitude: sum w^2 (squared L2),
 - random: uniform noise (seeded).
@@ -94,8 +95,9 @@ def score_units(model, units: list[LayerUnits], batches: list[dict], method: str
     """Fill `mlp_scores`, `q_scores`, `kv_scores` of every LayerUnits in place."""
     linears = {id(lin): lin for u in units for lin, _ in u.mlp_parts + list(u.attn_parts.values())}
     input_norms: dict[int, torch.Tensor] = {}
+    taylor: dict[int, torch.Tensor] = {}
     if method == "taylor":
-        _accumulate_gradients(model, list(linears.values()), batches)
+        _accumulate_taylor(model, list(linears.values()), batches, taylor)
     elif method == "activation":
         _collect_input_norms(model, list(linears.values()), batches, input_norms)
     gen = torch.Generator().manual_seed(seed)
@@ -104,7 +106,7 @@ def score_units(model, units: list[LayerUnits], batches: list[dict], method: str
         lin, side = part
         w = lin.weight.detach().float()
         if method == "taylor":
-            s = (w * lin.weight.grad.float()).abs()
+            s = taylor[id(lin)]
         elif method == "activation":
             s = w.abs() * input_norms[id(lin)][None, :]
         elif method == "magnitude":
@@ -121,12 +123,10 @@ def score_units(model, units: list[LayerUnits], batches: list[dict], method: str
         k = part_scores(u.attn_parts["k"]).view(u.n_kv, u.head_dim).sum(1)
         v = part_scores(u.attn_parts["v"]).view(u.n_kv, u.head_dim).sum(1)
         u.q_scores, u.kv_scores = q + o, k + v
-    if method == "taylor":
-        model.zero_grad(set_to_none=True)
 
 
-def _accumulate_gradients(model, linears: list[nn.Linear], batches: list[dict]) -> None:
-    """LM-loss gradients summed over the calibration set, for the given Linear weights only."""
+def _accumulate_taylor(model, linears: list[nn.Linear], batches: list[dict], out: dict) -> None:
+    """Sum over calibration batches of |w * dL/dw| for the given Linear weights (no other gradients)."""
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -137,6 +137,11 @@ def _accumulate_gradients(model, linears: list[nn.Linear], batches: list[dict]) 
         for batch in tqdm(batches, desc="taylor: gradients", leave=False):
             batch = {k: v.to(model.device) for k, v in batch.items()}
             model(**batch, use_cache=False).loss.backward()
+            with torch.no_grad():
+                for lin in linears:
+                    wg = (lin.weight.detach() * lin.weight.grad).abs().float()
+                    out[id(lin)] = out[id(lin)] + wg if id(lin) in out else wg
+                    lin.weight.grad = None
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
