@@ -196,6 +196,7 @@ def test_cli_end_to_end_on_tiny_models_then_rerun_pays_nothing(capsys, data_alia
     res = json.loads((out / "results.json").read_text())
     mt = res["pairwise"]["small"]["mt_bench"]["overall"]
     assert mt["n"] + mt["invalid"] == 4  # 2 questions x 2 turns
+    assert res["pairwise"]["small"]["mt_bench"]["calibrated"]["n"] == 4  # the local judge's log-prob reading
     assert res["students"]["small"]["params"] < res["teacher"]["params"]
     assert res["judge"] == f"local:{teacher}" and res["config"]["limit"] == 2
     # both orders of every turn: at most 12 distinct judge prompts (fewer when tiny models answer alike)

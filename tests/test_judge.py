@@ -9,7 +9,7 @@ import pytest
 from dadpo.errors import DadpoError
 from dadpo.evaluate.backends import LocalJudge, OpenAIJudge
 from dadpo.evaluate.judge import PairItem, VerdictCache, judge_messages, parse_verdict
-from dadpo.evaluate.stats import combine, pairwise_summary, summarize
+from dadpo.evaluate.stats import calibrated_margin, combine, pairwise_summary, summarize
 
 
 def _item(key: str, q: str, a: str, b: str) -> PairItem:
@@ -57,6 +57,15 @@ def test_combine_order_dependent_verdict_is_a_tie_and_a_flip():
     assert combine("A", "A") == {"outcome": 0, "flip": True}  # the judge always picks position A
     assert combine("A", "C") == {"outcome": 0, "flip": True}
     assert combine(None, "A")["outcome"] is None
+
+
+def test_calibrated_margin_cancels_position_bias():
+    # a judge pulled 2 nats towards position A that still sees the student 0.5 nats better
+    student_first = {"A": -1.0, "B": -3.5, "C": -4.0}  # margin +2.5 = bias 2 + 0.5
+    teacher_first = {"A": -1.0, "B": -2.5, "C": -4.0}  # margin +1.5 = bias 2 - 0.5
+    assert calibrated_margin(student_first, teacher_first) == pytest.approx(0.5)
+    assert calibrated_margin(teacher_first, student_first) == pytest.approx(-0.5)
+    assert calibrated_margin(student_first, student_first) == 0  # identical answers: no preference
 
 
 def test_summary_rates_and_ci():

@@ -42,6 +42,27 @@ def render_markdown(results: dict) -> str:
                     f"| {_ci(o['preference'])} | {_ci(o['adjusted_win'])} | {_fmt(o['flip_rate'])} "
                     f"| {o['invalid']} |"
                 )
+        calibrated = [
+            (st, s, summ["calibrated"])
+            for st, sets in results["pairwise"].items()
+            for s, summ in sets.items()
+            if "calibrated" in summ
+        ]
+        if calibrated:
+            lines += [
+                "",
+                "Local log-prob judge, position-calibrated: each pair scored by (m₁ − m₂)/2, the student's "
+                "log p(A) − log p(B) margin as A minus its margin as B, which cancels the judge's pull "
+                "towards one position; win = positive score.",
+                "",
+                "| student | set | n | win % | loss % | preference % | mean margin |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {st} | {s} | {c['n']} | {_fmt(c['win']['value'])} | {_fmt(c['loss']['value'])} | "
+                f"{_ci(c['preference'])} | {_fmt(c['mean_margin'], 3)} |"
+                for st, s, c in calibrated
+            ]
         lines += [
             "",
             "### Per category",

@@ -21,7 +21,7 @@ from dadpo.evaluate.config import REFERENCE_SETS, EvalConfig, JudgeConfig
 from dadpo.evaluate.judge import VerdictCache
 from dadpo.evaluate.perplexity import load_corpus, perplexity
 from dadpo.evaluate.report import write_plots, write_report
-from dadpo.evaluate.stats import combine, pairwise_summary
+from dadpo.evaluate.stats import calibrated_margin, combine, pairwise_summary, summarize
 from dadpo.evaluate.zeroshot import run_zeroshot
 from dadpo.io import atomic_write_json
 
@@ -62,9 +62,7 @@ def model_metrics(
     for corpus in config.ppl_corpora:
         text = load_corpus(corpus, _data_dir(config))
         for seq_len in config.seq_lens:
-            rows.append(
-                {"corpus": corpus, **perplexity(model, tok, text, seq_len=seq_len, progress=progress)}
-            )
+            rows.append({"corpus": corpus, **perplexity(model, tok, text, seq_len=seq_len, progress=progress)})
     if rows:
         metrics["perplexity"] = rows
     atomic_write_json(path, {"key": key, "metrics": metrics})
@@ -110,6 +108,14 @@ def judge_student(
         ]
         out[set_name] = pairwise_summary(pairs, samples=config.bootstrap, seed=config.seed)
         out[set_name]["invalid_verdicts"] = sum(v["verdict"] is None for v in verdicts)
+        if all("logprobs" in v for v in verdicts):  # a local judge: add its position-calibrated reading
+            margins = [
+                calibrated_margin(verdicts[2 * k]["logprobs"], verdicts[2 * k + 1]["logprobs"])
+                for k in range(len(triples))
+            ]
+            outcomes = [(m > 1e-6) - (m < -1e-6) for m in margins]
+            out[set_name]["calibrated"] = summarize(outcomes, 0, 0, samples=config.bootstrap, seed=config.seed)
+            out[set_name]["calibrated"]["mean_margin"] = sum(margins) / len(margins) if margins else None
     return out
 
 
@@ -131,9 +137,7 @@ def run_evaluate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # cheap checks first: a missing API key, a bad spec or set fails now, not after an hour of work
-    judge = (
-        make_judge(config.judge) if config.judge and config.judge.kind == "openai" and config.sets else None
-    )
+    judge = make_judge(config.judge) if config.judge and config.judge.kind == "openai" and config.sets else None
     for spec in [teacher, *students.values()]:
         resolve_model(spec)
     prompts = {s: load_eval_set(s, config.limit) for s in config.sets}

@@ -22,6 +22,17 @@ def combine(student_first: str | None, teacher_first: str | None) -> dict:
     return {"outcome": a if a == b else 0, "flip": a != b}
 
 
+def calibrated_margin(student_first: dict[str, float], teacher_first: dict[str, float]) -> float:
+    """Position-calibrated preference for the student from a log-prob judge's two orders.
+
+    With the student as A the judge's margin log p(A) − log p(B) is s + b, with the teacher as A it is
+    −s + b, where b is the judge's pull towards one position; (m1 − m2) / 2 cancels b and leaves s
+    (balanced position calibration, Wang et al. 2023, "Large Language Models are not Fair Evaluators")."""
+    m1 = student_first["A"] - student_first["B"]
+    m2 = teacher_first["A"] - teacher_first["B"]
+    return (m1 - m2) / 2
+
+
 def _rates(x: np.ndarray) -> dict:
     n = len(x)
     win, tie, loss = ((x == 1).sum() / n, (x == 0).sum() / n, (x == -1).sum() / n) if n else (np.nan,) * 3
