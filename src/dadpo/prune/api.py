@@ -164,6 +164,9 @@ def prune_to_dir(model_spec: str, out_dir, config: PruneConfig, overwrite: bool 
         report["seconds_total"] = round(time.time() - t_start, 1)
         report["peak_memory_mb"] = _peak_memory_mb()
         _write_reports(tmp, report)
+        tmp.chmod(0o755)  # mkdtemp/mkstemp make private files; a saved model is meant to be shared
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
