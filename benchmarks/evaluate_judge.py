@@ -92,6 +92,14 @@ def main() -> None:
                 f"loss {o['loss']['value']:.1f} preference {o['preference']['value']:+.1f} [{lo:+.1f}, {hi:+.1f}] "
                 f"adjusted win {o['adjusted_win']['value']:.1f} flips {o['flip_rate']:.1f}% invalid {o['invalid']}"
             )
+            if "calibrated" in summ:
+                c = summ["calibrated"]
+                lo, hi = c["preference"]["ci95"]
+                print(
+                    f"    position-calibrated log-prob reading: win {c['win']['value']:.1f} loss "
+                    f"{c['loss']['value']:.1f} preference {c['preference']['value']:+.1f} [{lo:+.1f}, {hi:+.1f}] "
+                    f"mean margin {c['mean_margin']:+.3f}"
+                )
     print("wall", results["wall_s"])
 
 

@@ -18,6 +18,11 @@ from dadpo.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
+#: tasks whose standard lm-eval config reports acc only (winogrande's acc_norm would divide by the length of
+#: the two sentence prefixes, which means nothing; boolq's answers are the single tokens no/yes)
+ACC_ONLY = ("boolq", "winogrande")
+_ACC_NORM = "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+
 TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
 
@@ -114,10 +119,7 @@ metric_list:
   - metric: acc
     aggregation: mean
     higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
+{acc_norm}metadata:
   version: 1.0
 """
 
@@ -149,12 +151,13 @@ def prepare_local_tasks(tasks: list[str], data_dir: str | os.PathLike, work_dir:
             try:
                 rows = list(CONVERTERS[task](data_dir))
             except FileNotFoundError as e:
-                raise DadpoError(
-                    f"zero-shot task {task}: data file missing under {data_dir}: {e.filename}"
-                ) from None
+                raise DadpoError(f"zero-shot task {task}: data file missing under {data_dir}: {e.filename}") from None
             atomic_write_text(data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         template = _WINOGRANDE_YAML if task == "winogrande" else _MC_YAML
-        atomic_write_text(work_dir / f"dadpo_{task}.yaml", template.format(task=f"dadpo_{task}", data=data))
+        norm = "" if task in ACC_ONLY else _ACC_NORM
+        atomic_write_text(
+            work_dir / f"dadpo_{task}.yaml", template.format(task=f"dadpo_{task}", data=data, acc_norm=norm)
+        )
     return work_dir
 
 
