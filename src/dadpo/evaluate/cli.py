@@ -13,7 +13,7 @@ plots. Answers of every model to every evaluation set are generated once (greedy
 under OUT/answers; each (student, teacher) answer pair is judged in both orders (an order-dependent
 verdict is a tie) and verdicts are cached in OUT/verdicts.jsonl, so rerunning the same command after a
 crash or an unreachable judge carries on where it stopped. Reports win/tie/loss, the preference rate
-(win − loss), the adjusted win rate (win + ½ tie) with 95%% bootstrap CIs, per-category rows and the
+(win − loss), the adjusted win rate (win + ½ tie) with 95% bootstrap CIs, per-category rows and the
 position-flip rate; ROUGE-L against reference answers (dolly, self_instruct, alpaca_eval); optionally
 LLM-Pruner's zero-shot tasks through lm-eval and WikiText-2/PTB perplexity."""
 
