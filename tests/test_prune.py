@@ -184,7 +184,7 @@ def test_uniform_prune_reloads_without_dadpo(tmp_path, tok, family, data_aliases
 def test_non_uniform_prune_reloads_with_from_pretrained(tmp_path, tok):
     src = save_tiny(tmp_path, tok, "mistral")
     out = tmp_path / "pruned"
-    report = prune_to_dir(str(src), out, fast_config(allocation="global", layers="1:3"))
+    report = prune_to_dir(str(src), out, fast_config(allocation="global", targets="both", layers="1:3"))
     assert not report["uniform"] and report["model_class"] == "DadpoPrunedMistralForCausalLM"
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "dadpo_pruned_mistral"
