@@ -59,6 +59,11 @@ def test_linear_token_logps_bf16_hidden_close_to_fp32():
     low = linear_token_logps(hidden.bfloat16(), weight, labels)
     assert low.dtype == torch.float32
     assert (low - ref).abs().max() < 0.1
+    h = hidden.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: bf16 matmuls in forward and backward
+        auto = linear_token_logps(h, weight, labels)
+    auto.sum().backward()
+    assert (auto - ref).abs().max() < 0.1 and h.grad.dtype == torch.float32 and (auto != ref).any()
 
 
 def test_sequence_logps_skip_prompt_and_padding():

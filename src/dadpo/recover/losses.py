@@ -56,11 +56,13 @@ class _LinearTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
-        w = weight.to(hidden.dtype)
+        dev = hidden.device.type  # under autocast, both passes' matmuls run in the autocast dtype
+        ctx.dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+        w = weight.to(ctx.dtype)
         out = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
         for s in range(0, hidden.shape[0], chunk):
-            x = (hidden[s:s + chunk] @ w.T).float()
+            x = (hidden[s:s + chunk].to(ctx.dtype) @ w.T).float()
             lse[s:s + chunk] = torch.logsumexp(x, dim=-1)
             out[s:s + chunk] = x.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
         ctx.save_for_backward(hidden, weight, labels, lse)
@@ -70,18 +72,18 @@ class _LinearTokenLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         hidden, weight, labels, lse = ctx.saved_tensors
-        w = weight.to(hidden.dtype)
+        w = weight.to(ctx.dtype)
         g_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
         for s in range(0, hidden.shape[0], ctx.chunk):
             sl = slice(s, s + ctx.chunk)
-            h = hidden[sl]
+            h = hidden[sl].to(ctx.dtype)
             g = -torch.exp((h @ w.T).float() - lse[sl, None]) * grad[sl, None]
             g.scatter_add_(-1, labels[sl, None], grad[sl, None])
-            g = g.to(hidden.dtype)
+            g = g.to(ctx.dtype)
             if g_hidden is not None:
-                g_hidden[sl] = g @ w
+                g_hidden[sl] = (g @ w).to(hidden.dtype)
             if g_weight is not None:
                 g_weight += (g.T @ h).float()
         return g_hidden, None if g_weight is None else g_weight.to(weight.dtype), None, None

@@ -275,7 +275,8 @@ def training_args(cfg: RecoverConfig, stage: str, ckpt: Path, **overrides):
         num_train_epochs=cfg.dsft.epochs if dsft else cfg.epochs, lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup_ratio, logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=2, bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed, report_to="none",
-        remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False, weight_decay=0.0)
+        remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False, weight_decay=0.0,
+        use_cpu=not torch.cuda.is_available())  # bf16 autocast on CPU needs use_cpu explicitly
     return TrainingArguments(**{**kwargs, **overrides})
 
 

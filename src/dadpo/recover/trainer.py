@@ -30,7 +30,10 @@ class RecoverTrainer(Trainer):
         self._stats: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, stats = recover_loss(model, inputs, self.recover, self.stage)
+        # the forward bypasses model.forward (decoder + chunked output layer), which is what accelerate wraps
+        # in autocast for bf16/fp16, so enter the accelerator's autocast here
+        with self.accelerator.autocast():
+            loss, stats = recover_loss(model, inputs, self.recover, self.stage)
         for k, v in stats.items():
             self._stats[k].append(v)
         return (loss, {}) if return_outputs else loss
