@@ -1,6 +1,6 @@
 """prune on the real SmolLM2-135M-Instruct: exact ratio on a real GQA model, and (slow) quality — Taylor
-20% on 64 Dolly prompts. The issue's bar is 3x dense; measured 3.04x on these 40 windows (docs/benchmarks.md),
-so the test holds the line at 3.5x against regressions until the bar is met."""
+20% on 64 Dolly prompts, layers 3:29, stays under the issue's 3x-dense bar (measured 2.78x on these 40
+windows, docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -35,14 +35,14 @@ def test_real_model_ratio_heads_and_answers(smollm_copy):
 
 
 @pytest.mark.slow
-def test_taylor_20_percent_stays_near_dense_perplexity(smollm_copy, data_aliases):
+def test_taylor_20_percent_stays_within_3x_dense_perplexity(smollm_copy, data_aliases):
     from dadpo.evaluate.perplexity import load_corpus, perplexity
 
     model, tok = smollm_copy
     text = load_corpus("wikitext2")
     dense = perplexity(model, tok, text, max_windows=40, progress=False)["ppl"]
-    cfg = PruneConfig(ratio=0.2, importance="taylor", targets="mlp", layers="4:28", calib="dolly", calib_samples=64)
+    cfg = PruneConfig(ratio=0.2, importance="taylor", targets="mlp", layers="3:29", calib="dolly", calib_samples=64)
     report = prune(model, tok, cfg)
     assert abs(report["ratio_achieved"] - 0.2) <= 0.005
     pruned = perplexity(model, tok, text, max_windows=40, progress=False)["ppl"]
-    assert pruned <= 3.5 * dense, (dense, pruned)
+    assert pruned <= 3 * dense, (dense, pruned)
