@@ -55,3 +55,31 @@ def test_gpu_recipe_first_steps_on_tiny_stand_in(recipe, tmp_path, smollm, data_
         assert abs(results["prune"]["ratio_achieved"] - 0.2) <= 0.005
     for stage in results:
         assert json.loads((tmp_path / "run" / stage / MANIFEST).read_text())["stage"] == stage
+
+
+def test_bench_on_tiny_models_then_rerun_skips_everything(tmp_path, smollm, data_aliases, capsys):
+    """`dadpo bench` end to end (prune → dsft/dadpo sharing work → evaluate → table), then a no-op rerun."""
+    import yaml
+
+    from dadpo.cli import main
+
+    _, tok = smollm
+    teacher = tiny(tmp_path / "teacher", tok, "llama", layers=4, hidden=128, mlp=2048)
+    small = [s for s in SMALL if s != "evaluate=null"] + [
+        f"teacher={teacher}", f"output_dir={tmp_path / 'run'}", "prune.layers=null", "evaluate.sets=[vicuna_bench]",
+        "evaluate.limit=2", "evaluate.generation.max_new_tokens=4", f"evaluate.judge.model={teacher}",
+        "evaluate.tasks=[arc_easy]", "evaluate.task_limit=4", "evaluate.bootstrap=50"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((RECIPES / "smollm2-135m-prune20-dadpo.yaml").read_text())
+    args = ["bench", str(recipe), "--methods", "none,dsft,dadpo", *[a for s in small for a in ("--set", s)]]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    bench = json.loads((tmp_path / "run" / "bench" / "bench.json").read_text())
+    assert [r["method"] for r in bench["rows"]] == ["teacher", "none", "dsft", "dadpo"]
+    assert all(r["preference"] is not None and r["zeroshot_tasks"] == 1 for r in bench["rows"][1:])
+    assert (tmp_path / "run" / "bench" / "preference.png").stat().st_size > 1000
+    assert "| dadpo |" in out and "| dadpo |" in (tmp_path / "run" / "bench" / "table.md").read_text()
+    assert (tmp_path / "run" / "bench" / "recover-dadpo" / "dsft").exists()  # linked from the dsft run
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("up to date") == 4  # prune, 2 recovers, evaluate
+    assert yaml.safe_load(recipe.read_text())["name"] == "smollm2-135m-prune20-dadpo"

@@ -82,6 +82,7 @@ class EvalConfig(BaseModel):
     )
     ppl_corpora: list[str] = Field(default_factory=list, description=f"of {', '.join(CORPORA)} or text files")
     seq_lens: list[int] = Field(default_factory=lambda: [128], description="perplexity window lengths")
+    ppl_max_windows: int | None = Field(None, ge=1, description="perplexity on the first N windows (None = all)")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the 95% CIs")
     seed: int = 0
 

@@ -38,7 +38,8 @@ def model_metrics(
     """Zero-shot accuracy and perplexity of a loaded model, cached in `out_dir/metrics/<model>.json`."""
     key = hashlib.sha256(
         json.dumps(
-            [spec, config.tasks, config.task_limit, config.ppl_corpora, config.seq_lens, _data_dir(config)]
+            [spec, config.tasks, config.task_limit, config.ppl_corpora, config.seq_lens, config.ppl_max_windows,
+             _data_dir(config)]
         ).encode()
     ).hexdigest()[:16]
     path = Path(out_dir) / "metrics" / f"{model_slug(name, spec)}.json"
@@ -62,7 +63,9 @@ def model_metrics(
     for corpus in config.ppl_corpora:
         text = load_corpus(corpus, _data_dir(config))
         for seq_len in config.seq_lens:
-            rows.append({"corpus": corpus, **perplexity(model, tok, text, seq_len=seq_len, progress=progress)})
+            ppl = perplexity(model, tok, text, seq_len=seq_len, max_windows=config.ppl_max_windows,
+                             progress=progress)
+            rows.append({"corpus": corpus, **ppl})
     if rows:
         metrics["perplexity"] = rows
     atomic_write_json(path, {"key": key, "metrics": metrics})
