@@ -185,9 +185,8 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def _data_file(directory: Path) -> Path:
-    for name in ("question.jsonl",):
-        if (directory / name).is_file():
-            return directory / name
+    if (directory / "question.jsonl").is_file():  # FastChat bench folders also hold reference answers
+        return directory / "question.jsonl"
     files = sorted(p for p in directory.iterdir() if p.suffix in (".jsonl", ".json"))
     if len(files) != 1:
         raise DadpoError(f"dataset directory {directory} must hold exactly one .jsonl/.json file "
