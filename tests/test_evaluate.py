@@ -245,3 +245,32 @@ def test_run_evaluate_end_to_end_then_rerun_pays_nothing(data_aliases, smollm_di
     again = run_evaluate({"same": "smollm2-135m-instruct"}, "smollm2-135m-instruct", out, cfg, progress=False)
     assert again["pairwise"] == res["pairwise"]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.jsonl")} == stamps
+
+
+def test_seed_caches_copies_only_matching_finished_work(tmp_path):
+    """A sibling run's answers/metrics/verdicts of the same spec and settings are copied; others are not."""
+    from dataclasses import asdict
+
+    from dadpo.evaluate.answers import answer_config, model_slug
+    from dadpo.evaluate.run import seed_caches
+    from dadpo.io import append_jsonl, atomic_write_json
+
+    cfg = EvalConfig(sets=["vicuna_bench"])
+    other, ours = tmp_path / "run" / "evaluate", tmp_path / "bench" / "evaluate"
+    stamp = {"model": "/m/pruned", "generation": asdict(answer_config(cfg))}
+    folder = other / "answers" / model_slug("pruned", "/m/pruned")
+    folder.mkdir(parents=True)
+    ours.mkdir(parents=True)
+    append_jsonl(folder / "vicuna_bench.jsonl", [{"id": "1", "response": "hi", **stamp}])
+    append_jsonl(folder / "mt_bench.jsonl", [{"id": "1", **stamp, "generation": {"max_new_tokens": 1}}])
+    append_jsonl(folder / "dolly.jsonl.part", [{"id": "1", **stamp}])  # unfinished: never taken
+    atomic_write_json(other / "metrics" / f"{model_slug('pruned', '/m/pruned')}.json", {"key": "k", "metrics": {}})
+    atomic_write_json(other / "metrics" / f"{model_slug('x', '/m/other')}.json", {"key": "k", "metrics": {}})
+    append_jsonl(other / "verdicts.jsonl", [{"key": "a", "verdict": "A"}, {"key": "b", "verdict": None}])
+    append_jsonl(ours / "verdicts.jsonl", [{"key": "a", "verdict": "A"}])
+
+    seed_caches(ours, [other, tmp_path / "missing"], {"none": "/m/pruned"}, cfg)
+    mine = ours / "answers" / model_slug("none", "/m/pruned")
+    assert sorted(p.name for p in mine.iterdir()) == ["vicuna_bench.jsonl"]
+    assert [p.name for p in (ours / "metrics").iterdir()] == [f"{model_slug('none', '/m/pruned')}.json"]
+    assert [json.loads(line)["key"] for line in (ours / "verdicts.jsonl").open()] == ["a", "b"]

@@ -136,11 +136,13 @@ def recover_stage(recipe: Recipe, out: Path, name: str = "recover", config=None,
 
 
 def evaluate_stage(recipe: Recipe, out: Path, students: dict[str, str], upstream: list[str],
-                   name: str = "evaluate") -> Stage:
+                   name: str = "evaluate", reuse: list[Path] = ()) -> Stage:
+    """Evaluate `students` against the teacher; `reuse` lists sibling evaluate runs whose cached answers,
+    metrics and verdicts of the same models are copied in instead of recomputed."""
     def run(d: Path, resume: bool) -> dict:
         from dadpo.evaluate import run_evaluate
 
-        return run_evaluate(students, recipe.teacher, d, recipe.evaluate)
+        return run_evaluate(students, recipe.teacher, d, recipe.evaluate, reuse=reuse)
 
     return Stage(name, {"teacher": recipe.teacher, "students": students, **_dump(recipe.evaluate)},
                  run, upstream)
@@ -171,6 +173,7 @@ def bench_plan(recipe: Recipe, methods: list[str]) -> list[Stage]:
     """Prune once, recover once per method (sharing teacher answers, dSFT and scores), evaluate all.
 
     `none` is the student without recovery. dsft runs first: its dSFT model is every later method's π_ref.
+    Work that `dadpo run` of the same recipe already did (its recover/ and evaluate/ dirs) is reused too.
     """
     from dadpo.recover.config import RecoverConfig
 
@@ -178,14 +181,15 @@ def bench_plan(recipe: Recipe, methods: list[str]) -> list[Stage]:
     base = (recipe.recover or RecoverConfig()).model_dump()
     stages = [prune_stage(recipe, out)] if recipe.pruned else []
     students = {"none": student_path(recipe, out)} if "none" in methods else {}
-    runs: list[Path] = []
+    runs: list[Path] = [out / "recover"]
     for m in sorted((m for m in methods if m != "none"), key=BENCH_METHODS.index):
         cfg = RecoverConfig.parse({**base, "method": m})
         d = out / "bench" / f"recover-{m}"
         stages.append(recover_stage(recipe, out, f"bench/recover-{m}", cfg, reuse=list(runs)))
         students[m] = str(d / "model")
         runs.append(d)
-    stages.append(evaluate_stage(recipe, out, students, [s.name for s in stages], "bench/evaluate"))
+    stages.append(evaluate_stage(recipe, out, students, [s.name for s in stages], "bench/evaluate",
+                                 reuse=[out / "evaluate"]))
     return stages
 
 

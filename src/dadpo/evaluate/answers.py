@@ -24,10 +24,21 @@ def load_eval_set(name: str, limit: int | None = None) -> list[PromptRecord]:
     return records[:limit]
 
 
+def spec_hash(spec: str) -> str:
+    return hashlib.sha256(str(spec).encode()).hexdigest()[:8]
+
+
 def model_slug(name: str, spec: str) -> str:
     """A folder name for a model's cached outputs: readable name + hash of the spec it was loaded from."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
-    return f"{safe}-{hashlib.sha256(str(spec).encode()).hexdigest()[:8]}"
+    return f"{safe}-{spec_hash(spec)}"
+
+
+def answer_config(config: EvalConfig) -> GenerationConfig:
+    """The generation settings of evaluation answers (part of every cached answer row's stamp)."""
+    g = config.generation
+    return GenerationConfig(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                            batch_size=g.batch_size, seed=g.seed)
 
 
 def generate_answers(
@@ -41,14 +52,7 @@ def generate_answers(
     progress: bool = True,
 ) -> dict[str, list[dict]]:
     """Answer every set in `prompts` into `out_dir/answers/<slug>/<set>.jsonl` (resumes, never pays twice)."""
-    g = config.generation
-    cfg = GenerationConfig(
-        max_new_tokens=g.max_new_tokens,
-        temperature=g.temperature,
-        top_p=g.top_p,
-        batch_size=g.batch_size,
-        seed=g.seed,
-    )
+    cfg = answer_config(config)
     folder = Path(out_dir) / "answers" / model_slug(name, spec)
     return {
         s: generate_to_file(

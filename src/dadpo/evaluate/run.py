@@ -12,10 +12,20 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from dadpo.errors import DadpoError
-from dadpo.evaluate.answers import generate_answers, load_eval_set, model_slug, pair_items, rouge_l
+from dadpo.evaluate.answers import (
+    answer_config,
+    generate_answers,
+    load_eval_set,
+    model_slug,
+    pair_items,
+    rouge_l,
+    spec_hash,
+)
 from dadpo.evaluate.backends import Judge, LocalJudge, OpenAIJudge
 from dadpo.evaluate.config import REFERENCE_SETS, EvalConfig, JudgeConfig
 from dadpo.evaluate.judge import VerdictCache
@@ -23,7 +33,7 @@ from dadpo.evaluate.perplexity import load_corpus, perplexity
 from dadpo.evaluate.report import write_plots, write_report
 from dadpo.evaluate.stats import calibrated_margin, combine, pairwise_summary, summarize
 from dadpo.evaluate.zeroshot import run_zeroshot
-from dadpo.io import atomic_write_json
+from dadpo.io import atomic_write_json, atomic_write_text, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +132,34 @@ def judge_student(
     return out
 
 
+def seed_caches(out_dir: Path, reuse: Sequence[str | os.PathLike], models: dict[str, str], config: EvalConfig
+                ) -> None:
+    """Copy into `out_dir` what sibling evaluate runs already made for the same model specs and settings
+    (answers, zero-shot/perplexity metrics, judge verdicts), so `dadpo bench` does not redo `dadpo run`'s work.
+    Only finished files are taken; answers must carry the same model and generation stamp, and metrics are
+    still checked against their cache key when used."""
+    generation = asdict(answer_config(config))
+    verdicts = VerdictCache(out_dir / "verdicts.jsonl")
+    for other in map(Path, reuse):
+        if not other.is_dir() or other.resolve() == out_dir.resolve():
+            continue
+        for name, spec in models.items():
+            slug, digest = model_slug(name, spec), spec_hash(spec)
+            for src in other.glob(f"answers/*-{digest}/*.jsonl"):
+                dst = out_dir / "answers" / slug / src.name
+                rows = read_jsonl(src)
+                if not dst.exists() and all(r.get("model") == str(spec) and r.get("generation") == generation
+                                            for r in rows):
+                    atomic_write_text(dst, src.read_text())
+            for src in other.glob(f"metrics/*-{digest}.json"):
+                dst = out_dir / "metrics" / f"{slug}.json"
+                if not dst.exists():
+                    atomic_write_text(dst, src.read_text())
+        if (other / "verdicts.jsonl").is_file():
+            theirs = VerdictCache(other / "verdicts.jsonl").rows
+            verdicts.add([row for key, row in theirs.items() if verdicts.get(key) is None])
+
+
 def run_evaluate(
     students: dict[str, str],
     teacher: str,
@@ -129,8 +167,12 @@ def run_evaluate(
     config: EvalConfig,
     *,
     progress: bool = True,
+    reuse: Sequence[str | os.PathLike] = (),
 ) -> dict:
-    """Evaluate each student (name -> model spec) against `teacher`; write results.json, report.md, PNGs."""
+    """Evaluate each student (name -> model spec) against `teacher`; write results.json, report.md, PNGs.
+
+    `reuse`: other evaluate output dirs whose cached answers, metrics and verdicts of the same models are
+    copied in first (see `seed_caches`)."""
     from dadpo.models import load_model, resolve_model
 
     if not students:
@@ -145,6 +187,7 @@ def run_evaluate(
         resolve_model(spec)
     prompts = {s: load_eval_set(s, config.limit) for s in config.sets}
     models = {"teacher": teacher, **students}
+    seed_caches(out_dir, reuse, models, config)
     answers, metrics = {}, {}
     keep_for_judge = {}
     for name, spec in models.items():
