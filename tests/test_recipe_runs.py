@@ -83,3 +83,48 @@ def test_bench_on_tiny_models_then_rerun_skips_everything(tmp_path, smollm, data
     assert main(args) == 0
     assert capsys.readouterr().out.count("up to date") == 4  # prune, 2 recovers, evaluate
     assert yaml.safe_load(recipe.read_text())["name"] == "smollm2-135m-prune20-dadpo"
+
+
+def test_run_killed_during_recover_resumes_without_redoing_prune_or_generation(tmp_path, smollm, data_aliases):
+    """`dadpo run`, SIGKILLed while recover trains, then the same command: prune is skipped, teacher and
+    student answers are not regenerated, training resumes from its checkpoint, and the final metrics equal
+    an uninterrupted run's (abs tol 1e-4)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, tok = smollm
+    teacher = tiny(tmp_path / "teacher", tok, "llama", layers=4, hidden=128, mlp=2048)
+    sets = [*SMALL, f"teacher={teacher}", "recover.train_prompts=8", "recover.batch_size=1", "recover.epochs=3",
+            "recover.save_steps=2", "recover.lr=1e-3"]
+
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "-m", "dadpo", "run", str(RECIPES / "smollm2-135m-prune20-dadpo.yaml"),
+                "--out", str(out), *[a for s in sets for a in ("--set", s)]]
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(cmd(tmp_path / "straight"), check=True, env=env, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = out / "recover" / "train" / "checkpoints"
+    deadline = time.time() + 900
+    while not any(int(p.name.split("-")[1]) >= 6 for p in ckpts.glob("checkpoint-*")):
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "recover" / MANIFEST).exists()  # recover was not finished (24 daDPO steps in all)
+    made = {p: p.stat().st_mtime_ns for p in [out / "prune" / MANIFEST, out / "prune" / "model" / "config.json",
+                                              out / "recover" / "teacher.jsonl", out / "recover" / "student.jsonl"]}
+    res = subprocess.run(cmd(out), env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "prune: up to date" in res.stdout and "recover: resuming" in res.stdout
+    assert "resuming from" in res.stderr and "checkpoint-" in res.stderr
+    assert {p: p.stat().st_mtime_ns for p in made} == made  # nothing upstream of training was redone
+    a = json.loads((tmp_path / "straight" / "recover" / "metrics.json").read_text())
+    b = json.loads((out / "recover" / "metrics.json").read_text())
+    assert b["start"]["nll"] == a["start"]["nll"] and b["dsft"]["nll"] == a["dsft"]["nll"]
+    for k in ("nll", "margin_ref", "margin_te", "reward_acc", "objective_acc"):
+        assert b["final"][k] == pytest.approx(a["final"][k], abs=1e-4), k

@@ -31,14 +31,16 @@ def prune(model, tokenizer, config: PruneConfig) -> dict:
     target = round(config.ratio * before["total"])
     units, graphs = build_units(model, layers)
     batches = []
-    if config.importance in ("taylor", "activation"):
+    if config.importance in ("taylor", "activation") or config.reconstruct:
         batches = calibration_batches(tokenizer, config)
     was_training = model.training
     model.eval()
     log.info("scoring %d layers by %s on %d calibration batches", len(units), config.importance, len(batches))
     score_units(model, units, batches, config.importance, seed=config.seed)
     plans = make_plan(units, target, before["total"], config.targets, config.allocation, config.mlp_round_to)
+    refits = _prepare_refits(model, units, plans, batches) if config.reconstruct else []
     apply_plan(model, units, graphs, plans)
+    _refit(refits, config.reconstruct_damping)
     model.train(was_training)
     after = count_params(model)
     removed = before["total"] - after["total"]
@@ -51,11 +53,33 @@ def prune(model, tokenizer, config: PruneConfig) -> dict:
         "uniform": all(w == widths[0] for w in widths),
         "model_class": type(model).__name__,
         "layers_pruned": [layers.start, layers.stop],
+        "reconstructed": bool(refits),
         "layer_widths": widths,
         "calibration": {"source": config.calib, "samples": sum(len(b["input_ids"]) for b in batches),
                         "tokens": int(sum(b["attention_mask"].sum() for b in batches))} if batches else None,
         "prune_seconds": round(time.time() - t0, 2),
     }
+
+
+def _prepare_refits(model, units, plans, batches) -> list[tuple]:
+    """(Linear, its dense weight, its calibration input Gram, kept columns) for every Linear losing inputs."""
+    from dadpo.prune.pruner import dropped_inputs
+    from dadpo.prune.reconstruct import input_grams
+
+    targets = [(lin, dropped) for u in units for lin, dropped in dropped_inputs(u, plans[u.index])]
+    grams = input_grams(model, [lin for lin, _ in targets], batches)
+    return [(lin, lin.weight.detach().clone(), grams[id(lin)],
+             sorted(set(range(lin.in_features)) - set(dropped))) for lin, dropped in targets]
+
+
+@torch.no_grad()
+def _refit(refits: list[tuple], damping: float) -> None:
+    """After cutting: least-squares refit of the kept input columns (see dadpo.prune.reconstruct)."""
+    from dadpo.prune.reconstruct import refit_kept_columns
+
+    for lin, dense, gram, kept in refits:
+        assert lin.in_features == len(kept), "refit columns do not match the pruned layer"
+        lin.weight.copy_(refit_kept_columns(dense, gram, kept, damping))
 
 
 def check_reachable(model, config: PruneConfig) -> None:
@@ -138,7 +162,7 @@ def prune_to_dir(model_spec: str, out_dir, config: PruneConfig, overwrite: bool 
     check_supported(model_config)
     with torch.device("meta"):  # shapes only: check the range and the ratio before loading weights
         check_reachable(AutoModelForCausalLM.from_config(model_config), config)
-    if config.importance in ("taylor", "activation"):
+    if config.importance in ("taylor", "activation") or config.reconstruct:
         from dadpo.data import load_prompts
 
         load_prompts(config.calib)  # fail on a bad --calib before loading the model

@@ -9,7 +9,10 @@ from dadpo.errors import DadpoError
 
 def register(subparsers) -> None:
     from dadpo.cli import add_model_args
-    from dadpo.prune.config import ALLOCATIONS, IMPORTANCES, TARGETS
+    from dadpo.prune.config import ALLOCATIONS, IMPORTANCES, TARGETS, PruneConfig
+
+    def default(field: str):
+        return PruneConfig.model_fields[field].default
 
     p = subparsers.add_parser(
         "prune", help="prune a model to a parameter ratio",
@@ -33,9 +36,19 @@ def register(subparsers) -> None:
                    help="uniform = same widths in every pruned layer; global = widths by importance per layer")
     p.add_argument("--calib", default="dolly",
                    help="calibration prompt set (alias under $DADPO_DATA_DIR, file, hub id)")
-    p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences")
-    p.add_argument("--calib-max-len", type=int, default=256, help="tokens per calibration sequence")
-    p.add_argument("--mlp-round-to", type=int, default=8, help="cut MLP widths in blocks of this many channels")
+    p.add_argument("--calib-samples", type=int, default=default("calib_samples"), help="calibration sequences")
+    p.add_argument("--calib-max-len", type=int, default=default("calib_max_len"),
+                   help="tokens per calibration sequence")
+    p.add_argument("--calib-batch-size", type=int, default=default("calib_batch_size"),
+                   help="calibration sequences per forward/backward; Taylor sums |w·g| per batch, so 1 = "
+                   "per-sample (measured best on SmolLM2)")
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=default("reconstruct"),
+                   help="after cutting, refit the kept input columns of down_proj/o_proj by least squares on "
+                   "the calibration inputs (uses calibration data even for magnitude/random)")
+    p.add_argument("--reconstruct-damping", type=float, default=default("reconstruct_damping"),
+                   help="ridge damping of the refit, as a fraction of the mean diagonal of XᵀX")
+    p.add_argument("--mlp-round-to", type=int, default=default("mlp_round_to"),
+                   help="cut MLP widths in blocks of this many channels")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and random importance")
     p.add_argument("--ppl-seq-len", type=int, default=128, help="perplexity window length")
     p.add_argument("--ppl-max-windows", type=int, help="evaluate perplexity on at most N windows (0 = skip; "
@@ -50,7 +63,8 @@ def cmd_prune(args) -> int:
     from dadpo.prune.config import PruneConfig, config_error
 
     fields = ("ratio", "importance", "targets", "layers", "allocation", "calib", "calib_samples", "calib_max_len",
-              "mlp_round_to", "seed", "ppl_seq_len", "ppl_max_windows")
+              "calib_batch_size", "reconstruct", "reconstruct_damping", "mlp_round_to", "seed", "ppl_seq_len",
+              "ppl_max_windows")
     try:
         config = PruneConfig(**{f: getattr(args, f) for f in fields})
     except ValidationError as e:

@@ -29,8 +29,11 @@ class PruneConfig(BaseModel):
     allocation: Literal["uniform", "global"] = "uniform"
     calib: str = Field("dolly", description="prompt set for calibration (alias, file or hub id)")
     calib_samples: int = Field(64, ge=1)
-    calib_max_len: int = Field(256, ge=8, description="tokens per calibration sequence (prompt + reference)")
-    calib_batch_size: int = Field(8, ge=1)
+    calib_max_len: int = Field(512, ge=8, description="tokens per calibration sequence (prompt + reference)")
+    calib_batch_size: int = Field(1, ge=1, description="Taylor takes |w·g| per batch: 1 = per sample (best)")
+    reconstruct: bool = Field(True, description="least-squares refit of down_proj/o_proj kept columns on the "
+                              "calibration inputs after cutting (dadpo.prune.reconstruct)")
+    reconstruct_damping: float = Field(0.001, ge=0, description="ridge damping, fraction of mean diag of XᵀX")
     mlp_round_to: int = Field(8, ge=1, description="MLP widths are cut in blocks of this many channels")
     seed: int = 0
     ppl_corpus: str = "wikitext2"

@@ -7,7 +7,8 @@ and unit kinds (divide by the unit's parameter count for a per-parameter importa
 
 - taylor: sum |w * dL/dw| (LLM-Pruner's element-wise first order), the absolute value taken per
   calibration batch and summed over batches: on SmolLM2 this beat |w * gradient of the summed loss|
-  (WikiText-2 PPL 193 vs 213 at 20%), since the mean gradient of a converged model mostly cancels,
+  (WikiText-2 PPL 193 vs 213 at 20%), since the mean gradient of a converged model mostly cancels; with
+  batches of one sequence (the default) it is per sample, better still (PPL 164 vs 179 with the refit),
 - activation: sum |w| * ||x|| with x the Linear's input over the calibration set (Wanda-style),
 - magnitude: sum w^2 (squared L2),
 - random: uniform noise (seeded).

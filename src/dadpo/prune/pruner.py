@@ -78,6 +78,21 @@ def _head_rows(heads: list[int], head_dim: int) -> list[int]:
     return [h * head_dim + k for h in heads for k in range(head_dim)]
 
 
+def _dropped_q_heads(u: LayerUnits, plan: LayerPlan) -> list[int]:
+    """Query heads a plan removes: its own plus every query head of a dropped KV group."""
+    group = u.n_q // u.n_kv
+    return sorted(set(plan.q) | {j * group + k for j in plan.kv for k in range(group)})
+
+
+def dropped_inputs(u: LayerUnits, plan: LayerPlan) -> list[tuple[nn.Linear, list[int]]]:
+    """(Linear, input columns the plan removes) for each layer that reads pruned units (down_proj, o_proj)."""
+    out = [(lin, sorted(plan.mlp)) for lin, side in u.mlp_parts if side == "in" and plan.mlp]
+    q_heads = _dropped_q_heads(u, plan)
+    if q_heads:
+        out.append((u.attn_parts["o"][0], _head_rows(q_heads, u.head_dim)))
+    return out
+
+
 def apply_plan(model, units: list[LayerUnits], graphs: dict, plans: dict[int, LayerPlan]) -> None:
     """Cut the planned units out of the model and make its config describe the new shapes."""
     import torch_pruning as tp
@@ -89,8 +104,7 @@ def apply_plan(model, units: list[LayerUnits], graphs: dict, plans: dict[int, La
         if plan.mlp:
             graphs[u.index].get_pruning_group(mlp.gate_proj, tp.prune_linear_out_channels,
                                               idxs=sorted(plan.mlp)).prune()
-        group = u.n_q // u.n_kv
-        q_heads = sorted(set(plan.q) | {j * group + k for j in plan.kv for k in range(group)})
+        q_heads = _dropped_q_heads(u, plan)
         if q_heads:
             rows = _head_rows(q_heads, u.head_dim)
             tp.prune_linear_out_channels(attn.q_proj, rows)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 PRUNING_KEYS = ("source_model", "importance", "targets", "allocation", "ratio_asked", "ratio_achieved",
                 "ratio_achieved_non_embedding", "params_before", "params_after", "uniform", "layers_pruned",
-                "layer_widths", "calibration", "libraries", "created", "prune_seconds")
+                "reconstructed", "layer_widths", "calibration", "libraries", "created", "prune_seconds")
 
 
 def pruning_record(report: dict) -> dict:
@@ -25,7 +25,8 @@ def render_markdown(r: dict) -> str:
         f"# Pruned {r['source_model']}",
         "",
         f"- criterion: **{r['importance']}**, targets: {r['targets']}, allocation: {r['allocation']}, "
-        f"layers {r['layers_pruned'][0]}:{r['layers_pruned'][1]}",
+        f"layers {r['layers_pruned'][0]}:{r['layers_pruned'][1]}, least-squares refit of kept columns: "
+        f"{'yes' if r.get('reconstructed') else 'no'}",
         f"- ratio asked {r['ratio_asked']:.3f}, achieved **{r['ratio_achieved']:.4f}** of all parameters "
         f"({r['ratio_achieved_non_embedding']:.4f} of non-embedding parameters)",
         f"- parameters: {b['total']:,} → {a['total']:,} (non-embedding {b['non_embedding']:,} → "
