@@ -274,3 +274,25 @@ def test_seed_caches_copies_only_matching_finished_work(tmp_path):
     assert sorted(p.name for p in mine.iterdir()) == ["vicuna_bench.jsonl"]
     assert [p.name for p in (ours / "metrics").iterdir()] == [f"{model_slug('none', '/m/pruned')}.json"]
     assert [json.loads(line)["key"] for line in (ours / "verdicts.jsonl").open()] == ["a", "b"]
+
+
+def test_perplexity_windows_prefix_and_stride(smollm):
+    """GPTQ protocol by hand: non-overlapping windows of one tokenization; stride k takes every k-th window."""
+    import math
+
+    import torch
+
+    from dadpo.evaluate.perplexity import perplexity
+
+    model, tok = smollm
+    text = "The quick brown fox jumps over the lazy dog. " * 12
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    windows = ids[: (ids.numel() // 16) * 16].view(-1, 16)
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits.float()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), windows[:, 1:], reduction="none").sum(1)
+    every_other = perplexity(model, tok, text, seq_len=16, window_stride=2, max_windows=3, progress=False)
+    assert every_other["windows"] == 3 and every_other["tokens"] == 3 * 15
+    assert every_other["ppl"] == pytest.approx(math.exp(nll[[0, 2, 4]].sum().item() / 45), rel=1e-3)  # batching noise
+    prefix = perplexity(model, tok, text, seq_len=16, max_windows=2, batch_size=1, progress=False)
+    assert prefix["ppl"] == pytest.approx(math.exp(nll[:2].sum().item() / 30), rel=1e-3)

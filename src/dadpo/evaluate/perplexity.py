@@ -46,17 +46,19 @@ def load_corpus(name: str, data_dir: str | os.PathLike | None = None) -> str:
 
 @torch.inference_mode()
 def perplexity(model, tokenizer, text: str, seq_len: int = 128, batch_size: int = 8,
-               max_windows: int | None = None, progress: bool = True) -> dict:
-    """Token perplexity of `text` under `model` in non-overlapping `seq_len` windows."""
+               max_windows: int | None = None, progress: bool = True, window_stride: int = 1) -> dict:
+    """Token perplexity of `text` under `model` in non-overlapping `seq_len` windows.
+
+    `window_stride` k > 1 scores every k-th window of the whole text (a cheap proxy that, unlike a prefix,
+    samples all of it); `max_windows` then caps the count of those."""
     if seq_len < 2:
         raise DadpoError(f"seq_len must be ≥ 2, got {seq_len}")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     n_windows = ids.numel() // seq_len
-    if max_windows:
-        n_windows = min(n_windows, max_windows)
     if n_windows == 0:
         raise DadpoError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
+    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)[::window_stride][:max_windows or None]
+    n_windows = len(windows)
     nll, count = 0.0, 0
     for start in tqdm(range(0, n_windows, batch_size), desc=f"perplexity@{seq_len}", disable=not progress):
         batch = windows[start:start + batch_size].to(model.device)
