@@ -22,7 +22,15 @@ def prune(model, tokenizer, config: PruneConfig) -> dict:
     """Remove `config.ratio` of all parameters from `model` in place; return what was done."""
     from dadpo.prune.importance import calibration_batches, score_units
     from dadpo.prune.plan import make_plan
-    from dadpo.prune.pruner import apply_plan, build_units, count_params, layer_widths
+    from dadpo.prune.pruner import (
+        apply_plan,
+        build_units,
+        consumer_linears,
+        count_params,
+        dropped_inputs,
+        layer_widths,
+    )
+    from dadpo.prune.reconstruct import InputGrams, forward_passes
 
     t0 = time.time()
     check_reachable(model, config)
@@ -36,9 +44,15 @@ def prune(model, tokenizer, config: PruneConfig) -> dict:
     was_training = model.training
     model.eval()
     log.info("scoring %d layers by %s on %d calibration batches", len(units), config.importance, len(batches))
-    score_units(model, units, batches, config.importance, seed=config.seed)
+    consumers = [lin for u in units for lin in consumer_linears(u)] if config.reconstruct else []
+    with InputGrams(model, consumers) as stats:  # the scoring passes feed the refit's statistics too
+        score_units(model, units, batches, config.importance, seed=config.seed)
+        if consumers and config.importance not in ("taylor", "activation"):
+            forward_passes(model, batches)
     plans = make_plan(units, target, before["total"], config.targets, config.allocation, config.mlp_round_to)
-    refits = _prepare_refits(model, units, plans, batches) if config.reconstruct else []
+    refits = [(lin, lin.weight.detach().clone(), stats.grams[id(lin)],
+               sorted(set(range(lin.in_features)) - set(dropped)))
+              for u in units for lin, dropped in dropped_inputs(u, plans[u.index])] if consumers else []
     apply_plan(model, units, graphs, plans)
     _refit(refits, config.reconstruct_damping)
     model.train(was_training)
@@ -61,20 +75,10 @@ def prune(model, tokenizer, config: PruneConfig) -> dict:
     }
 
 
-def _prepare_refits(model, units, plans, batches) -> list[tuple]:
-    """(Linear, its dense weight, its calibration input Gram, kept columns) for every Linear losing inputs."""
-    from dadpo.prune.pruner import dropped_inputs
-    from dadpo.prune.reconstruct import input_grams
-
-    targets = [(lin, dropped) for u in units for lin, dropped in dropped_inputs(u, plans[u.index])]
-    grams = input_grams(model, [lin for lin, _ in targets], batches)
-    return [(lin, lin.weight.detach().clone(), grams[id(lin)],
-             sorted(set(range(lin.in_features)) - set(dropped))) for lin, dropped in targets]
-
-
 @torch.no_grad()
 def _refit(refits: list[tuple], damping: float) -> None:
-    """After cutting: least-squares refit of the kept input columns (see dadpo.prune.reconstruct)."""
+    """After cutting: least-squares refit of the kept input columns of each (Linear, dense weight, Gram,
+    kept columns); see dadpo.prune.reconstruct."""
     from dadpo.prune.reconstruct import refit_kept_columns
 
     for lin, dense, gram, kept in refits:

@@ -84,6 +84,11 @@ def _dropped_q_heads(u: LayerUnits, plan: LayerPlan) -> list[int]:
     return sorted(set(plan.q) | {j * group + k for j in plan.kv for k in range(group)})
 
 
+def consumer_linears(u: LayerUnits) -> list[nn.Linear]:
+    """The Linears of a layer whose input columns pruning removes (down_proj, o_proj)."""
+    return [lin for lin, side in u.mlp_parts if side == "in"] + [u.attn_parts["o"][0]]
+
+
 def dropped_inputs(u: LayerUnits, plan: LayerPlan) -> list[tuple[nn.Linear, list[int]]]:
     """(Linear, input columns the plan removes) for each layer that reads pruned units (down_proj, o_proj)."""
     out = [(lin, sorted(plan.mlp)) for lin, side in u.mlp_parts if side == "in" and plan.mlp]

@@ -18,31 +18,48 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
-@torch.no_grad()
-def input_grams(model, linears: list[nn.Linear], batches: list[dict]) -> dict[int, torch.Tensor]:
-    """H = Σ x xᵀ over calibration tokens of each Linear's input, keyed by id(linear).
+class InputGrams:
+    """While active, accumulate H = Σ x xᵀ of each given Linear's input over the non-padding tokens of every
+    forward pass of `model` (so the Taylor/activation scoring passes collect it for free).
 
     float32 on the model's device (Vicuna-7B: 32 × 11008² × 4 bytes ≈ 15.5 GB for the MLPs; SmolLM2: 0.25 GB)."""
-    mask: dict[str, torch.Tensor] = {}
-    grams: dict[int, torch.Tensor] = {}
 
-    def hook(lin, args):
-        x = args[0].detach()[mask["m"]].float()  # (tokens, in_features)
-        if id(lin) in grams:
-            grams[id(lin)].addmm_(x.T, x)
-        else:
-            grams[id(lin)] = x.T @ x
+    def __init__(self, model, linears: list[nn.Linear]):
+        self.model, self.linears = model, linears
+        self.grams: dict[int, torch.Tensor] = {}
+        self._mask: torch.Tensor | None = None
+        self._handles: list = []
 
-    handles = [lin.register_forward_pre_hook(hook) for lin in linears]
-    try:
-        for batch in tqdm(batches, desc="reconstruct: input statistics", leave=False):
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            mask["m"] = batch["attention_mask"].bool()
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    finally:
-        for h in handles:
+    def __enter__(self) -> InputGrams:
+        self._handles = [self.model.register_forward_pre_hook(self._take_mask, with_kwargs=True)]
+        self._handles += [lin.register_forward_pre_hook(self._add) for lin in self.linears]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
             h.remove()
-    return grams
+        self._handles = []
+
+    def _take_mask(self, _model, args, kwargs) -> None:
+        mask = kwargs.get("attention_mask")
+        self._mask = mask.bool() if mask is not None else None
+
+    @torch.no_grad()
+    def _add(self, lin, args) -> None:
+        x = args[0].detach()
+        x = (x[self._mask] if self._mask is not None else x.reshape(-1, x.shape[-1])).float()
+        if id(lin) in self.grams:
+            self.grams[id(lin)].addmm_(x.T, x)
+        else:
+            self.grams[id(lin)] = x.T @ x
+
+
+@torch.no_grad()
+def forward_passes(model, batches: list[dict]) -> None:
+    """Run the calibration batches through `model` (to feed an active InputGrams)."""
+    for batch in tqdm(batches, desc="reconstruct: input statistics", leave=False):
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
 
 
 @torch.no_grad()
