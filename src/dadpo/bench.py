@@ -19,11 +19,11 @@ def method_row(name: str, block: dict, pairwise: dict | None) -> dict:
     """Headline numbers of one student from `run_evaluate`'s results."""
     row: dict = {"method": name, "params": block.get("params")}
     if pairwise:
-        pref = [s["overall"]["preference"] for s in pairwise.values()]
-        n = [s["overall"]["n"] for s in pairwise.values()]
-        row["preference"] = sum(p["value"] * k for p, k in zip(pref, n, strict=True)) / max(sum(n), 1)
-        row["preference_ci95"] = pref[0]["ci95"] if len(pref) == 1 else None
+        row["preference"], row["preference_ci95"] = _pooled([s["overall"] for s in pairwise.values()])
         row["flip_rate"] = next(iter(pairwise.values()))["overall"].get("flip_rate")
+        if all("calibrated" in s for s in pairwise.values()):  # a local judge's position-calibrated reading
+            row["preference_calibrated"], row["preference_calibrated_ci95"] = _pooled(
+                [s["calibrated"] for s in pairwise.values()])
     rouge = [r["rougeL"] for r in block.get("rouge", {}).values()]
     row["rougeL"] = sum(rouge) / len(rouge) if rouge else None
     zs = block.get("zeroshot") or {}
@@ -35,6 +35,20 @@ def method_row(name: str, block: dict, pairwise: dict | None) -> dict:
     return row
 
 
+def _pooled(summaries: list[dict]) -> tuple[float, list[float] | None]:
+    """Preference rate pooled over evaluation sets (weighted by n); the CI only when there is one set."""
+    n = [s["n"] for s in summaries]
+    value = sum(s["preference"]["value"] * k for s, k in zip(summaries, n, strict=True)) / max(sum(n), 1)
+    return value, summaries[0]["preference"]["ci95"] if len(summaries) == 1 else None
+
+
+def _pref(r: dict, key: str) -> str:
+    if r["method"] == "teacher" or r.get(key) is None:
+        return "—"
+    ci = r.get(f"{key}_ci95")
+    return _fmt(r[key]) + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
+
 def bench_rows(results: dict) -> list[dict]:
     rows = [method_row("teacher", results["teacher"], None)]
     rows += [method_row(n, b, results["pairwise"].get(n)) for n, b in results["students"].items()]
@@ -42,15 +56,16 @@ def bench_rows(results: dict) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| method | params (M) | preference vs teacher, % [95% CI] | ROUGE-L | zero-shot avg (%) | "
-            "WikiText-2 PPL |\n|---|---|---|---|---|---|\n")
+    calibrated = any(r.get("preference_calibrated") is not None for r in rows)
+    head = ("| method | params (M) | preference vs teacher, % [95% CI] |"
+            + (" calibrated preference, % [95% CI] |" if calibrated else "")
+            + " ROUGE-L | zero-shot avg (%) | WikiText-2 PPL |\n|---|---|---|" + ("---|" if calibrated else "")
+            + "---|---|---|\n")
     lines = []
     for r in rows:
-        ci = r.get("preference_ci95")
-        pref = "—" if r["method"] == "teacher" else (
-            f"{_fmt(r.get('preference'))}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else ""))
-        lines.append(f"| {r['method']} | {_fmt((r['params'] or 0) / 1e6)} | {pref} | {_fmt(r['rougeL'])} | "
-                     f"{_fmt(r['zeroshot_avg'])} | {_fmt(r['wikitext2_ppl'], 2)} |")
+        lines.append(f"| {r['method']} | {_fmt((r['params'] or 0) / 1e6)} | {_pref(r, 'preference')} |"
+                     + (f" {_pref(r, 'preference_calibrated')} |" if calibrated else "")
+                     + f" {_fmt(r['rougeL'])} | {_fmt(r['zeroshot_avg'])} | {_fmt(r['wikitext2_ppl'], 2)} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -62,11 +77,20 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r["method"] != "teacher" and r.get("preference") is not None]
-    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 3.6))
-    vals = [r["preference"] for r in rows]
-    err = [[v - (r["preference_ci95"] or [v, v])[0] for v, r in zip(vals, rows, strict=True)],
-           [(r["preference_ci95"] or [v, v])[1] - v for v, r in zip(vals, rows, strict=True)]]
-    ax.bar([r["method"] for r in rows], vals, yerr=err, capsize=4, color="#4c72b0")
+    readings = [("preference", "judge verdicts (both orders)", "#4c72b0")]
+    if any(r.get("preference_calibrated") is not None for r in rows):
+        readings.append(("preference_calibrated", "position-calibrated log-probs", "#dd8452"))
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 3.8))
+    width = 0.8 / len(readings)
+    for k, (key, label, color) in enumerate(readings):
+        vals = [r.get(key) or 0.0 for r in rows]
+        cis = [r.get(f"{key}_ci95") or [v, v] for v, r in zip(vals, rows, strict=True)]
+        err = [[v - c[0] for v, c in zip(vals, cis, strict=True)], [c[1] - v for v, c in zip(vals, cis, strict=True)]]
+        xs = [i + (k - (len(readings) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(xs, vals, width, yerr=err, capsize=4, color=color, label=label)
+    ax.set_xticks(range(len(rows)), [r["method"] for r in rows])
+    if len(readings) > 1:
+        ax.legend(fontsize=8)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_ylabel("preference rate vs teacher (%)\n(win − loss)")
     ax.set_title("Recovery methods against the teacher")
