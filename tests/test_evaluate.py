@@ -296,3 +296,13 @@ def test_perplexity_windows_prefix_and_stride(smollm):
     assert every_other["ppl"] == pytest.approx(math.exp(nll[[0, 2, 4]].sum().item() / 45), rel=1e-3)  # batching noise
     prefix = perplexity(model, tok, text, seq_len=16, max_windows=2, batch_size=1, progress=False)
     assert prefix["ppl"] == pytest.approx(math.exp(nll[:2].sum().item() / 30), rel=1e-3)
+
+
+def test_report_renders_tasks_without_acc_norm():
+    """boolq and winogrande report acc only (like lm-eval's configs): the table shows "–" for acc_norm."""
+    from dadpo.evaluate.report import render_markdown
+
+    block = {"spec": "t", "params": 134_515_008,
+             "zeroshot": {"boolq": {"acc": 0.6}, "piqa": {"acc": 0.64, "acc_norm": 0.655}}}
+    md = render_markdown({"teacher": block, "students": {"s": {**block, "spec": "s"}}, "pairwise": {}, "judge": None})
+    assert "| teacher | 134.5 | 60.0 / – | 64.0 / 65.5 | 62.0 |" in md

@@ -18,6 +18,11 @@ def _fmt(x, nd: int = 1) -> str:
     return "–" if x is None else f"{x:.{nd}f}"
 
 
+def _pct(x: float | None) -> str:
+    """A 0–1 accuracy as a percentage; "–" where the task has no such metric (boolq, winogrande: no acc_norm)."""
+    return _fmt(None if x is None else 100 * x)
+
+
 def render_markdown(results: dict) -> str:
     """A human report: judged preference vs the teacher, ROUGE-L, zero-shot accuracy, perplexity."""
     teacher = results["teacher"]
@@ -103,7 +108,7 @@ def render_markdown(results: dict) -> str:
         for name, m in models.items():
             zs = m.get("zeroshot", {})
             cells = [
-                f"{_fmt(100 * zs[t]['acc'])} / {_fmt(100 * zs[t].get('acc_norm'))}" if t in zs else "–" for t in tasks
+                f"{_pct(zs[t].get('acc'))} / {_pct(zs[t].get('acc_norm'))}" if t in zs else "–" for t in tasks
             ]
             lines.append(f"| {name} | {m['params'] / 1e6:.1f} | " + " | ".join(cells) + f" | {_fmt(mean_acc(m))} |")
         lines.append("")
