@@ -72,3 +72,12 @@ def test_killed_stage_with_changed_config_starts_afresh(tmp_path):
     rec.fail_in, rec.calls = None, []
     run_stages(tmp_path, plan(rec, y=9), lambda s: None)
     assert rec.calls[0] == ("recover", False) and not (tmp_path / "recover" / "stale.bin").exists()
+
+
+def test_summary_headline_flattens_one_level():
+    from dadpo.pipeline_cli import _headline
+
+    summary = {"start": {"nll": 2.23617, "tokens": 1177}, "final": {"reward_acc": 0.875, "nll": 2.12954},
+               "method": "dadpo", "model": "/x/model", "layer_widths": [1, 2]}
+    assert _headline(summary) == {"start.nll": 2.2362, "final.reward_acc": 0.875, "final.nll": 2.1295,
+                                  "method": "dadpo"}

@@ -80,9 +80,19 @@ def summary_text(results: dict) -> str:
         if stage.endswith("evaluate"):
             lines.append(markdown_table(bench_rows(summary)))
             continue
-        flat = {k: v for k, v in summary.items() if isinstance(v, int | float | str) and k != "model"}
-        lines.append(f"  {stage}: " + json.dumps(flat, default=str)[:400])
+        lines.append(f"  {stage}: " + json.dumps(_headline(summary), default=str)[:400])
     return "\n".join(lines)
+
+
+def _headline(summary: dict) -> dict:
+    """A stage summary's scalars, nested ones one level deep as "outer.inner" (e.g. final.reward_acc)."""
+    flat = {}
+    for k, v in summary.items():
+        if isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items() if isinstance(vv, int | float) and kk != "tokens"})
+        elif isinstance(v, int | float | str) and k != "model":
+            flat[k] = v
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in flat.items()}
 
 
 def cmd_run(args) -> int:
