@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
-from dadpo.pipeline import MANIFEST, PENDING, Stage, run_stages
+from dadpo.pipeline import MANIFEST, Stage, pending_path, run_stages
 
 
 class Recorder:
     """Stages that write a file and record each call (the runner, not the stages, is under test)."""
 
-    def __init__(self):
+    def __init__(self, wipe: bool = False):
         self.calls: list[tuple[str, bool]] = []
         self.fail_in: str | None = None
+        self.wipe = wipe  # like run_recover(overwrite=True): a fresh start clears the stage's own directory
 
     def stage(self, name, config, upstream=()):
         def run(d, resume):
             self.calls.append((name, resume))
+            if self.wipe and not resume:
+                shutil.rmtree(d)
+                d.mkdir()
             (d / "work.txt").write_text(f"{name}:{config}")
             if self.fail_in == name:
                 raise KeyboardInterrupt  # a kill mid-stage
@@ -39,7 +44,7 @@ def test_rerun_skips_unchanged_and_reruns_changed_plus_downstream(tmp_path):
     assert [c[0] for c in rec.calls] == ["prune", "recover", "evaluate"]
     for name in ("prune", "recover", "evaluate"):
         m = json.loads((tmp_path / name / MANIFEST).read_text())
-        assert m["stage"] == name and len(m["hash"]) == 16 and not (tmp_path / name / PENDING).exists()
+        assert m["stage"] == name and len(m["hash"]) == 16 and not pending_path(tmp_path / name).exists()
     rec.calls.clear()
     results = run_stages(tmp_path, plan(rec), lines.append)
     assert rec.calls == [] and results["recover"] == {"value": 2}
@@ -52,12 +57,13 @@ def test_rerun_skips_unchanged_and_reruns_changed_plus_downstream(tmp_path):
     assert [c[0] for c in rec.calls] == ["prune", "recover", "evaluate"]
 
 
-def test_killed_stage_resumes_and_is_never_taken_as_done(tmp_path):
-    rec = Recorder()
+@pytest.mark.parametrize("wipe", [False, True])
+def test_killed_stage_resumes_and_is_never_taken_as_done(tmp_path, wipe):
+    rec = Recorder(wipe)
     rec.fail_in = "recover"
     with pytest.raises(KeyboardInterrupt):
         run_stages(tmp_path, plan(rec), lambda s: None)
-    assert not (tmp_path / "recover" / MANIFEST).exists() and (tmp_path / "recover" / PENDING).exists()
+    assert not (tmp_path / "recover" / MANIFEST).exists() and pending_path(tmp_path / "recover").exists()
     rec.fail_in, rec.calls = None, []
     run_stages(tmp_path, plan(rec), lambda s: None)
     assert rec.calls == [("recover", True), ("evaluate", False)]  # same hash: resumed, prune not redone

@@ -120,7 +120,7 @@ def test_run_killed_during_recover_resumes_without_redoing_prune_or_generation(t
                                               out / "recover" / "teacher.jsonl", out / "recover" / "student.jsonl"]}
     res = subprocess.run(cmd(out), env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "prune: up to date" in res.stdout and "recover: resuming" in res.stdout
+    assert "prune: up to date" in res.stdout and "recover: resuming" in res.stdout, res.stdout
     assert "resuming from" in res.stderr and "checkpoint-" in res.stderr
     assert {p: p.stat().st_mtime_ns for p in made} == made  # nothing upstream of training was redone
     a = json.loads((tmp_path / "straight" / "recover" / "metrics.json").read_text())

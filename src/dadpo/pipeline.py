@@ -32,6 +32,12 @@ MANIFEST = "manifest.json"
 PENDING = ".pending.json"
 
 
+def pending_path(stage_dir: Path) -> Path:
+    """Where the runner notes a started stage: beside its directory, so a stage that wipes its own
+    directory when starting afresh (as `run_recover` does) cannot erase the note that makes it resumable."""
+    return stage_dir.parent / f".{stage_dir.name}{PENDING}"
+
+
 @dataclass
 class Stage:
     """One step of a run: `run(stage_dir, resume)` does the work and returns a JSON-able summary."""
@@ -65,7 +71,7 @@ def run_stages(out: Path, stages: list[Stage], echo: Callable[[str], None] = pri
             echo(f"[{k}/{len(stages)}] {stage.name}: up to date ({h}), skipped")
             results[stage.name] = done["summary"]
             continue
-        pending = d / PENDING
+        pending = pending_path(d)
         resume = pending.is_file() and json.loads(pending.read_text()).get("hash") == h
         if not resume and d.exists():
             shutil.rmtree(d)  # changed config or inputs: start this stage afresh
