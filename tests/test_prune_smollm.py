@@ -1,6 +1,6 @@
 """prune on the real SmolLM2-135M-Instruct: exact ratio on a real GQA model, and (slow) quality — Taylor
-20% on 64 Dolly prompts, layers 3:29, stays under the issue's 3x-dense bar (measured 2.78x on these 40
-windows, docs/benchmarks.md)."""
+20% on 64 Dolly prompts, layers 3:29, default refit, stays under the issue's 3x-dense bar on the first 40
+WikiText-2 windows (the whole-text figure is in docs/benchmarks.md)."""
 
 from __future__ import annotations
 
