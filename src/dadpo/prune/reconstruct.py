@@ -63,7 +63,7 @@ def forward_passes(model, batches: list[dict]) -> None:
 
 
 @torch.no_grad()
-def refit_kept_columns(weight: torch.Tensor, gram: torch.Tensor, kept: list[int], damping: float = 0.01
+def refit_kept_columns(weight: torch.Tensor, gram: torch.Tensor, kept: list[int], damping: float
                        ) -> torch.Tensor:
     """The refitted (out, len(kept)) weight for a Linear of dense `weight` (out, in) whose inputs `kept` stay."""
     idx = torch.tensor(kept, dtype=torch.long, device=gram.device)
