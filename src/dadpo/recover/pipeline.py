@@ -276,6 +276,7 @@ def training_args(cfg: RecoverConfig, stage: str, ckpt: Path, **overrides):
         warmup_steps=cfg.warmup_ratio, logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=2, bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed, report_to="none",
         remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False, weight_decay=0.0,
+        optim="adamw_torch_fused",  # one fused kernel per step instead of foreach ops (~0.15 s of a 6 s CPU step)
         use_cpu=not torch.cuda.is_available())  # bf16 autocast on CPU needs use_cpu explicitly
     return TrainingArguments(**{**kwargs, **overrides})
 
