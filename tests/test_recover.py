@@ -198,6 +198,14 @@ def test_pipeline_end_to_end_lora_with_kd_and_resume_guards(tiny, tmp_path):
         run_recover(tiny["student"], tiny["teacher"], tiny["prompts"], tmp_path / "junk", cfg)
 
 
+def test_held_out_pairs_scored_in_the_cached_scores_precision(tiny, tmp_path):
+    """bf16: π_ref/π_te are cached under autocast, so the held-out policy scores must be too; with a
+    learning rate too small to move any fp32 weight the final model is π_ref and Δ_ref is exactly 0."""
+    cfg = {**TINY_CFG, "method": "dpo", "bf16": True, "lr": 1e-12}
+    final = run_recover(tiny["student"], tiny["teacher"], tiny["prompts"], tmp_path / "run", cfg)["final"]
+    assert final["pairs"] == 2 and final["margin_ref"] == 0.0 and final["reward_acc"] == 0.0
+
+
 def _cli(tiny, out: Path, method: str) -> list[str]:
     return [sys.executable, "-m", "dadpo", "recover", "--student", tiny["student"], "--teacher", tiny["teacher"],
             "--prompts", tiny["prompts"], "--out", str(out), "--method", method, "--train-prompts", "8",

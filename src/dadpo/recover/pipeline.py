@@ -377,7 +377,8 @@ def _eval_pairs(spec: str, examples: list[dict], scores: dict, cfg: RecoverConfi
     d_refs, d_tes = [], []
     examples = [{**ex, **{k: v for k, v in scores[ex["id"]].items() if k.endswith("_logps")}} for ex in examples]
     for chunk, b in _batches(examples, cfg.batch_size, tok.pad_token_id, "held-out pairs"):
-        out = response_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
+        with _autocast(cfg):  # the precision the cached π_ref/π_te scores were computed in
+            out = response_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
         n = len(chunk)
         d_ref, d_te = dadpo_margins(out.sums[:n], out.sums[n:], b["ref_chosen_logps"], b["ref_rejected_logps"],
                                     b["teacher_chosen_logps"], b["teacher_rejected_logps"])
