@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from dadpo.io import atomic_write_json, atomic_write_text
+from dadpo.io import atomic_path, atomic_write_json, atomic_write_text
 
 
 def test_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
@@ -24,3 +24,16 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert path.read_text() == '{\n  "a": 1\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # the temp file is gone
+
+
+def test_atomic_path_keeps_the_suffix_and_cleans_up_after_a_failed_block(tmp_path):
+    path = tmp_path / "plot.png"
+    with atomic_path(path, ".png") as tmp:
+        assert tmp.suffix == ".png" and tmp.parent == tmp_path and tmp != path
+        tmp.write_bytes(b"first")
+    assert path.read_bytes() == b"first" and (path.stat().st_mode & 0o777) == 0o644
+    with pytest.raises(RuntimeError, match="savefig failed"), atomic_path(path, ".png") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("savefig failed")
+    assert path.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dadpo.io import atomic_write_json, atomic_write_text
+from dadpo.io import atomic_path, atomic_write_json, atomic_write_text
 
 #: the zero-shot metric LLM-Pruner reports per task (acc_norm where length normalisation matters)
 TASK_METRIC = {"boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogrande": "acc", "arc_easy": "acc",
@@ -95,10 +95,9 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("preference rate vs teacher (%)\n(win − loss)")
     ax.set_title("Recovery methods against the teacher")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_bench(out_dir: Path, results: dict, command: str) -> str:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
-from dadpo.io import atomic_write_text
+from dadpo.io import atomic_path, atomic_write_text
 
 
 def _ci(m: dict) -> str:
@@ -132,15 +131,8 @@ def mean_acc(m: dict) -> float | None:
 
 
 def _save(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temp file only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_plots(results: dict, out_dir: str | os.PathLike) -> list[str]:
