@@ -2,6 +2,7 @@
 
 python benchmarks/evaluate_zeroshot.py --limit 200 --out /tmp/zs200.json
 python benchmarks/evaluate_zeroshot.py --out /tmp/zs_full.json          # full splits
+python benchmarks/evaluate_zeroshot.py --tasks hellaswag --cache /tmp/zs/hs --out /tmp/hs.json  # resumable
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, help="items per task (default: full splits)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True, help="JSON file for the results")
+    p.add_argument("--cache", help="lm-eval request cache prefix for this model: a killed or split run resumes")
     args = p.parse_args()
     import torch
 
@@ -41,6 +43,7 @@ def main() -> None:
         data_dir=args.data_dir,
         limit=args.limit,
         batch_size=args.batch_size,
+        cache=args.cache,
     )
     wall = time.perf_counter() - t0
     out = {

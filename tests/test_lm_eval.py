@@ -68,6 +68,19 @@ def test_lm_eval_on_in_memory_model_with_limit(tiny_lm, data_dir, tmp_path):
     assert tok.padding_side == "left"  # the generation setting survives lm-eval
 
 
+def test_request_cache_makes_a_rerun_free(tiny_lm, data_dir, tmp_path, monkeypatch):
+    model, tok = tiny_lm
+    kw = dict(data_dir=data_dir, work_dir=tmp_path / "tasks", limit=3, batch_size=4, cache=tmp_path / "c" / "tiny")
+    first = run_zeroshot(model, tok, ["arc_easy", "boolq"], **kw)
+    assert (tmp_path / "c" / "tiny_rank0.db").is_file()
+
+    def no_model_calls(*args, **kwargs):
+        raise AssertionError("the model ran although every request was cached")
+
+    monkeypatch.setattr(model, "forward", no_model_calls)
+    assert run_zeroshot(model, tok, ["arc_easy", "boolq"], **kw) == first
+
+
 @pytest.mark.slow
 def test_smollm_beats_chance_on_arc_easy(smollm, data_dir, tmp_path):
     model, tok = smollm

@@ -68,6 +68,7 @@ def model_metrics(
             limit=config.task_limit,
             batch_size=config.task_batch_size,
             seed=config.seed,
+            cache=path.with_name(f".{path.stem}.{key}.lm_eval"),  # a killed run resumes its zero-shot requests
         )
     rows = []
     for corpus in config.ppl_corpora:

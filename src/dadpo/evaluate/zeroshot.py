@@ -171,8 +171,13 @@ def run_zeroshot(
     limit: int | None = None,
     batch_size: int = 16,
     seed: int = 0,
+    cache: str | os.PathLike | None = None,
 ) -> dict[str, dict]:
-    """acc / acc_norm (with stderr and n) per task for an in-memory model; local files when `data_dir`."""
+    """acc / acc_norm (with stderr and n) per task for an in-memory model; local files when `data_dir`.
+
+    `cache`: path prefix of lm-eval's request cache (SQLite, `<cache>_rank0.db`) for *this* model: every
+    scored request is committed as soon as it is computed, so a killed run resumes where it stopped and
+    a rerun costs nothing. Keyed by request text only, so never share one cache between models."""
     import tempfile
 
     from lm_eval import simple_evaluate
@@ -191,9 +196,12 @@ def run_zeroshot(
             manager, names = TaskManager(), {t: t for t in tasks}
         padding_side = tok.padding_side
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
+        if cache is not None:
+            Path(cache).parent.mkdir(parents=True, exist_ok=True)
         try:
             out = simple_evaluate(
                 model=lm,
+                use_cache=None if cache is None else str(cache),
                 tasks=list(names),
                 task_manager=manager,
                 limit=limit,
