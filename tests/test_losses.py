@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from dadpo.recover import losses
 from dadpo.recover.losses import (
     dadpo_loss,
     dadpo_margins,
@@ -36,7 +37,9 @@ def test_token_logps_match_log_softmax_values_and_grads():
     assert torch.allclose(g_ours, logits.grad, atol=1e-6)
 
 
-def test_linear_token_logps_never_needs_logits_and_matches_reference():
+@pytest.mark.parametrize("keep_bytes", [0, 2**30], ids=["recompute", "keep-softmax"])
+def test_linear_token_logps_never_needs_logits_and_matches_reference(keep_bytes, monkeypatch):
+    monkeypatch.setattr(losses, "KEEP_PROBS_BYTES", keep_bytes)
     hidden = torch.randn(29, 16, requires_grad=True)
     weight = torch.randn(40, 16, requires_grad=True)
     labels = torch.randint(0, 40, (29,))
@@ -64,6 +67,23 @@ def test_linear_token_logps_bf16_hidden_close_to_fp32():
         auto = linear_token_logps(h, weight, labels)
     auto.sum().backward()
     assert (auto - ref).abs().max() < 0.1 and h.grad.dtype == torch.float32 and (auto != ref).any()
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 2**30], ids=["recompute", "keep-softmax"])
+def test_linear_token_logps_bf16_gradient_of_a_confident_label(keep_bytes, monkeypatch):
+    """p(label) ≈ 0.9997: its logit's gradient 1 − p must not drown in bf16 rounding of p (≈ 0.002)."""
+    monkeypatch.setattr(losses, "KEEP_PROBS_BYTES", keep_bytes)
+    weight = torch.eye(8)
+    hidden = torch.zeros(1, 8)
+    hidden[0, 3] = 9.0  # logit 9 against seven zeros: 1 − p = 7e⁻⁹/(1 + 7e⁻⁹) ≈ 8.6e-4
+    labels = torch.tensor([3])
+    w = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        linear_token_logps(hidden, w, labels).sum().backward()
+    ref = weight.clone().requires_grad_()
+    torch.log_softmax(hidden @ ref.T, -1)[0, 3].backward()
+    assert torch.allclose(w.grad[3, 3], ref.grad[3, 3], rtol=0.02)
+    assert torch.allclose(w.grad, ref.grad, atol=1e-3)
 
 
 def test_sequence_logps_skip_prompt_and_padding():
