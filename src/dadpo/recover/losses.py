@@ -61,15 +61,16 @@ class _LinearTokenLogps(torch.autograd.Function):
     `KEEP_PROBS_BYTES`, else recomputed chunk by chunk (one extra output-layer matmul) to save that memory."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
+                for_backward: bool) -> torch.Tensor:
         dev = hidden.device.type  # under autocast, both passes' matmuls run in the autocast dtype
         ctx.dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
         w = weight.to(ctx.dtype)
         out = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
         n_bytes = labels.numel() * weight.shape[0] * w.element_size()
-        probs = torch.empty(labels.numel(), weight.shape[0], dtype=ctx.dtype, device=hidden.device) \
-            if n_bytes <= KEEP_PROBS_BYTES else None
+        keep = for_backward and n_bytes <= KEEP_PROBS_BYTES
+        probs = torch.empty(labels.numel(), weight.shape[0], dtype=ctx.dtype, device=hidden.device) if keep else None
         for s in range(0, hidden.shape[0], chunk):
             sl = slice(s, s + chunk)
             x = hidden[sl].to(ctx.dtype) @ w.T
@@ -106,7 +107,7 @@ class _LinearTokenLogps(torch.autograd.Function):
                 g_hidden[sl] = (g @ w).to(hidden.dtype)
             if g_weight is not None:
                 g_weight += (g.T @ h).float()
-        return g_hidden, None if g_weight is None else g_weight.to(weight.dtype), None, None
+        return g_hidden, None if g_weight is None else g_weight.to(weight.dtype), None, None, None
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
@@ -119,7 +120,8 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, chunk: int = CHUNK) 
 def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                        chunk: int = CHUNK) -> torch.Tensor:
     """log softmax(hidden @ weight.T)[label] for hidden (N, H), weight (V, H), labels (N): no (N, V) kept."""
-    return _LinearTokenLogps.apply(hidden, weight, labels, chunk)
+    for_backward = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _LinearTokenLogps.apply(hidden, weight, labels, chunk, for_backward)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
