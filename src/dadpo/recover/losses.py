@@ -23,8 +23,8 @@ IGNORE_INDEX = -100
 #: positions handled per chunk: (chunk × V) floats at a time (8192 × 49152 × 4 B ≈ 1.6 GB would be too many)
 CHUNK = 1024
 #: `linear_token_logps` keeps the softmax for backward up to this size, saving the backward's logits matmul
-#: and its float32 passes (−8% of a bf16 step on SmolLM2's 20% prune); beyond it, recomputes. 1,536
-#: response positions × 49,152 vocab fit in bf16 (151 MB) but not in float32 (302 MB).
+#: and its float32 passes (bf16 daDPO step on SmolLM2's 20% prune 6.48 → 5.92 s, docs/benchmarks.md#recover);
+#: beyond it, recomputes. 1,536 response positions × 49,152 vocab fit in bf16 (151 MB), not in float32 (302 MB).
 KEEP_PROBS_BYTES = 256 * 2**20
 
 
