@@ -86,3 +86,16 @@ def test_smollm_beats_chance_on_arc_easy(smollm, data_dir, tmp_path):
     model, tok = smollm
     res = run_zeroshot(model, tok, ["arc_easy"], data_dir=data_dir, work_dir=tmp_path, limit=200)
     assert res["arc_easy"]["acc"] > 0.4  # 4 choices: chance is 0.25
+
+
+def test_metrics_file_replaces_the_request_cache(tiny_lm, data_dir, tmp_path):
+    from dadpo.evaluate.answers import model_slug
+    from dadpo.evaluate.config import EvalConfig
+    from dadpo.evaluate.run import model_metrics
+
+    model, tok = tiny_lm
+    cfg = EvalConfig(tasks=["boolq"], task_limit=2, ppl_corpora=[], data_dir=str(data_dir))
+    metrics = model_metrics(model, tok, "tiny", "/m/tiny", tmp_path, cfg, progress=False)
+    assert metrics["zeroshot"]["boolq"]["n"] == 2
+    # the request cache served a resume only: once the metrics file holds the results it is deleted
+    assert [p.name for p in (tmp_path / "metrics").iterdir()] == [f"{model_slug('tiny', '/m/tiny')}.json"]

@@ -80,6 +80,8 @@ def model_metrics(
     if rows:
         metrics["perplexity"] = rows
     atomic_write_json(path, {"key": key, "metrics": metrics})
+    for stale in path.parent.glob(f".{path.stem}.*.lm_eval_rank*.db*"):  # its work is now in `path`
+        stale.unlink(missing_ok=True)
     return metrics
 
 
