@@ -276,6 +276,18 @@ def test_seed_caches_copies_only_matching_finished_work(tmp_path):
     assert [json.loads(line)["key"] for line in (ours / "verdicts.jsonl").open()] == ["a", "b"]
 
 
+def test_ptb_is_joined_like_the_hubs_stripped_rows(data_dir, tmp_path):
+    from dadpo.evaluate.perplexity import load_corpus
+
+    text = load_corpus("ptb", data_dir)
+    assert text.startswith("no it was n't black monday but while the new york stock exchange")
+    assert "  " not in text and text == text.strip()  # the file pads every line with spaces
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DadpoError, match="latin1.txt: not UTF-8"):
+        load_corpus(str(bad))
+
+
 def test_perplexity_windows_prefix_and_stride(smollm):
     """GPTQ protocol by hand: non-overlapping windows of one tokenization; stride k takes every k-th window."""
     import math

@@ -25,15 +25,19 @@ def load_corpus(name: str, data_dir: str | os.PathLike | None = None) -> str:
     if name not in CORPORA:
         path = Path(name)
         if path.is_file():
-            return path.read_text(encoding="utf-8")
+            try:
+                return path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise DadpoError(f"perplexity corpus {name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         raise DadpoError(f"unknown perplexity corpus {name!r}: choose {', '.join(CORPORA)} "
                          "or give a text file")
     local, hub, config, split, field = CORPORA[name]
     data_dir = data_dir or os.environ.get("DADPO_DATA_DIR")
     if data_dir and (Path(data_dir) / local).is_file():
         text = (Path(data_dir) / local).read_text(encoding="utf-8")
-        # PTB ships one sentence per line; GPTQ joins its rows with " " (WikiText's file is already joined)
-        return " ".join(text.splitlines()) if name == "ptb" else text
+        # PTB ships one sentence per line, each padded with spaces; the hub's rows are the stripped lines,
+        # which GPTQ joins with " " (WikiText's file is already joined)
+        return " ".join(line.strip() for line in text.splitlines()) if name == "ptb" else text
     try:
         import datasets
 
