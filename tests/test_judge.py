@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 
 import pytest
@@ -168,6 +170,27 @@ def test_unreachable_endpoint_errors_after_retries_and_keeps_cached_verdicts(ser
     assert len(kept.rows) == 1  # the verdict paid for before the outage is still there
     # and is served from the cache although the endpoint is still down
     assert dead.judge(ITEMS[:1], kept, progress=False)[0]["key"] in kept.rows
+
+
+def test_ctrl_c_cancels_queued_requests_and_keeps_the_one_in_flight(server, tmp_path, monkeypatch):
+    url, srv = server
+    handler, posts = srv.RequestHandlerClass, []
+    answer = handler.do_POST
+
+    def press_ctrl_c_during_the_first_request(self):
+        posts.append(self.path)
+        if len(posts) == 1:  # once the judge has queued every request
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        answer(self)
+
+    monkeypatch.setattr(handler, "do_POST", press_ctrl_c_during_the_first_request)
+    items = [_item(f"q{i}", f"What is {i} + {i}?", f"{2 * i}.", f"{2 * i + 1}.") for i in range(6)]
+    path = tmp_path / "v.jsonl"
+    judge = OpenAIJudge(url, "smollm", api_key_env=None, concurrency=1, retries=0, max_tokens=8)
+    with pytest.raises(KeyboardInterrupt):
+        judge.judge(items, VerdictCache(path), progress=False)
+    assert 1 <= len(posts) <= 2  # of 12 paid requests, those still queued were never sent
+    assert len(VerdictCache(path).rows) == len(posts)  # and every one that was sent is kept
 
 
 def test_verdict_cache_survives_a_torn_last_line(tmp_path):

@@ -101,25 +101,31 @@ class OpenAIJudge(Judge):
 
     def _run(self, todo, cache, progress):
         bar = tqdm(total=len(todo), desc=f"judge {self.model}", unit="verdict", disable=not progress)
+        futures: dict = {}
+
+        def keep(done) -> None:  # cache every finished verdict not cached yet, even when another request failed
+            rows = []
+            for f in done:
+                if not f.cancelled() and f.exception() is None and cache.get(futures[f]) is None:
+                    reply = f.result()
+                    rows.append({"key": futures[f], "verdict": parse_verdict(reply), "reply": reply})
+            cache.add(rows)
+            bar.update(len(rows))
+
         with ThreadPoolExecutor(self.concurrency) as pool:
-            futures = {pool.submit(self._post, msgs): key for key, msgs in todo}
-            pending = set(futures)
             try:
+                for key, msgs in todo:
+                    futures[pool.submit(self._post, msgs)] = key
+                pending = set(futures)
                 while pending:
                     done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    rows = []
-                    for f in done:
-                        if f.exception() is None:
-                            reply = f.result()
-                            rows.append({"key": futures[f], "verdict": parse_verdict(reply), "reply": reply})
-                    cache.add(rows)  # keep every finished verdict, even when another request failed
-                    bar.update(len(rows))
+                    keep(done)
                     failed = next((f for f in done if f.exception() is not None), None)
                     if failed is not None:
-                        for f in pending:
-                            f.cancel()
                         raise failed.exception()
-            finally:
+            finally:  # a failure or Ctrl-C: queued requests never start; those in flight are paid for, keep them
+                pool.shutdown(cancel_futures=True)
+                keep(futures)
                 bar.close()
 
 
