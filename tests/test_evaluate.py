@@ -152,6 +152,29 @@ def test_cli_bad_input_is_one_line_exit_2(capsys, monkeypatch, tmp_path, args, n
     assert len(lines) == 1 and lines[0].startswith("dadpo evaluate: error:") and needle in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("yaml_text", "needle"),
+    [("- 1\n- 2\n", "expected a mapping"), ("evaluate:\n  generation: [1]\n", "generation:")],
+)
+def test_cli_bad_config_file_is_one_line_exit_2(capsys, tmp_path, yaml_text, needle):
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(yaml_text)
+    code, _, err = _dadpo(capsys, "evaluate", "--students", "s", "--teacher", "t", "--out", str(tmp_path / "o"),
+                          "--config", str(cfg), "--max-new-tokens", "8")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_cli_flags_fill_an_empty_config_section(tmp_path):
+    from dadpo.cli import build_parser
+    from dadpo.evaluate.cli import build_config
+
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text("evaluate:\n")  # an empty section is no settings, not an error
+    args = build_parser().parse_args(["evaluate", "--students", "s", "--teacher", "t", "--out", "o",
+                                      "--config", str(cfg), "--max-new-tokens", "8", "--seed", "3"])
+    assert EvalConfig.model_validate(build_config(args)).generation.max_new_tokens == 8
+
+
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory, smollm_dir):
     """Two tiny random-init Llama chat models on disk (SmolLM2's tokenizer): pipeline mechanics in seconds."""

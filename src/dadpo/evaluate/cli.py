@@ -117,7 +117,11 @@ def build_config(args) -> dict:
             loaded = yaml.safe_load(Path(args.config).read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
             raise DadpoError(f"--config {args.config}: {e}") from None
-        data = loaded.get("evaluate", loaded) if isinstance(loaded, dict) else {}
+        section = loaded.get("evaluate", loaded) if isinstance(loaded, dict) else loaded
+        if not isinstance(section, dict | None):
+            raise DadpoError(f"--config {args.config}: expected a mapping of evaluate settings "
+                             f"(or a recipe with an `evaluate:` section), got {type(section).__name__}")
+        data = dict(section or {})
     if args.sets:
         data["sets"] = [] if args.sets == "none" else _csv(args.sets)
     if args.tasks:
@@ -138,12 +142,10 @@ def build_config(args) -> dict:
     ):
         if getattr(args, opt) is not None:
             data[field] = getattr(args, opt)
-    gen = data.setdefault("generation", {})
-    for opt in ("max_new_tokens", "temperature", "batch_size"):
-        if getattr(args, opt) is not None:
-            gen[opt] = getattr(args, opt)
-    if args.seed is not None:
-        gen["seed"] = args.seed
+    flags = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "batch_size", "seed")}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if flags and isinstance(data.get("generation"), dict | None):  # anything else: EvalConfig names it
+        data["generation"] = {**(data.get("generation") or {}), **flags}
     if args.judge == "none":
         data["judge"] = None
     elif args.judge or any(
