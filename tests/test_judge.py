@@ -193,6 +193,23 @@ def test_ctrl_c_cancels_queued_requests_and_keeps_the_one_in_flight(server, tmp_
     assert len(VerdictCache(path).rows) == len(posts)  # and every one that was sent is kept
 
 
+def test_a_garbled_http_reply_is_retried_then_a_clear_error():
+    import socketserver
+
+    class Garbage(socketserver.StreamRequestHandler):
+        def handle(self):
+            self.rfile.readline()
+            self.wfile.write(b"not an HTTP status line\r\n\r\n")  # http.client: BadStatusLine
+
+    with socketserver.TCPServer(("127.0.0.1", 0), Garbage) as srv:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+        judge = OpenAIJudge(url, "m", api_key_env=None, retries=1, backoff=0.01)
+        with pytest.raises(DadpoError, match=r"unreachable after 2 tries: .*not an HTTP status line"):
+            judge._post([{"role": "user", "content": "hi"}])
+        srv.shutdown()
+
+
 def test_verdict_cache_survives_a_torn_last_line(tmp_path):
     path = tmp_path / "v.jsonl"
     VerdictCache(path).add([{"key": "a", "verdict": "A"}])

@@ -4,6 +4,7 @@ so finished judgements survive a crash or an unreachable endpoint."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -85,12 +86,12 @@ class OpenAIJudge(Judge):
                 return data["choices"][0]["message"]["content"] or ""
             except urllib.error.HTTPError as e:
                 detail = e.read().decode(errors="replace")[:200]
-                if e.code != 429 and e.code < 500:  # our request is wrong: retrying will not help
+                if e.code not in (408, 429) and e.code < 500:  # our request is wrong: retrying will not help
                     raise DadpoError(
                         f"judge endpoint {self.url} refused the request: HTTP {e.code} {detail}"
                     ) from None
                 last = f"HTTP {e.code} {detail}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, torn reply
                 last = str(getattr(e, "reason", e))
             except (KeyError, IndexError, TypeError, json.JSONDecodeError) as e:
                 raise DadpoError(
