@@ -28,6 +28,11 @@ def test_rows_pool_sets_and_average_the_task_metric():
     assert row["preference"] == 7.5 and row["preference_ci95"] is None  # (0·24 + 30·8) / 32; no CI when pooled
     assert row["zeroshot_avg"] == 50.0 and row["zeroshot_tasks"] == 2  # piqa acc 60, hellaswag acc_norm 40
     assert row["wikitext2_ppl"] == 150.0 and row["rougeL"] == 20.0
+    # a set whose verdicts were all invalid (n = 0; its rate read back from results.json as null) has no weight
+    two_sets["pairwise"]["dadpo"]["mt_bench"] = {"overall": {"n": 0, "preference": {"value": None, "ci95": None}}}
+    assert bench_rows(two_sets)[1]["preference"] == 7.5
+    only_invalid = {"mt_bench": two_sets["pairwise"]["dadpo"]["mt_bench"]}
+    assert "| dadpo | 107.6 | — |" in markdown_table(bench_rows({**two_sets, "pairwise": {"dadpo": only_invalid}}))
 
 
 def test_table_shows_the_calibrated_column_only_for_local_judges(tmp_path):

@@ -37,3 +37,15 @@ def test_atomic_path_keeps_the_suffix_and_cleans_up_after_a_failed_block(tmp_pat
         raise RuntimeError("savefig failed")
     assert path.read_bytes() == b"first"
     assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+
+
+def test_json_files_are_strict_json(tmp_path):
+    import json
+
+    atomic_write_json(tmp_path / "r.json", {"rate": float("nan"), "ci": (float("-inf"), 1.5), "n": 0})
+
+    def no_constants(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    assert json.loads((tmp_path / "r.json").read_text(), parse_constant=no_constants) == {
+        "rate": None, "ci": [None, 1.5], "n": 0}

@@ -35,10 +35,13 @@ def method_row(name: str, block: dict, pairwise: dict | None) -> dict:
     return row
 
 
-def _pooled(summaries: list[dict]) -> tuple[float, list[float] | None]:
-    """Preference rate pooled over evaluation sets (weighted by n); the CI only when there is one set."""
-    n = [s["n"] for s in summaries]
-    value = sum(s["preference"]["value"] * k for s, k in zip(summaries, n, strict=True)) / max(sum(n), 1)
+def _pooled(summaries: list[dict]) -> tuple[float | None, list[float] | None]:
+    """Preference rate pooled over evaluation sets (weighted by n); the CI only when there is one set.
+    Sets without a valid verdict (n = 0, rate null) carry no weight; with none at all the rate is None."""
+    summaries = [s for s in summaries if s["n"]]
+    if not summaries:
+        return None, None
+    value = sum(s["preference"]["value"] * s["n"] for s in summaries) / sum(s["n"] for s in summaries)
     return value, summaries[0]["preference"]["ci95"] if len(summaries) == 1 else None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -36,8 +37,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def _strict(obj: Any) -> Any:
+    """JSON has no NaN or Infinity (e.g. rates over zero valid pairs): write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_strict(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """Strict JSON that any parser reads, written atomically."""
+    atomic_write_text(path, json.dumps(_strict(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
