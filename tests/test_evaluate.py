@@ -230,6 +230,11 @@ def test_cli_end_to_end_on_tiny_models_then_rerun_pays_nothing(capsys, data_alia
     code, again, _ = _dadpo(capsys, *argv)
     assert code == 0 and again == stdout
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.jsonl")} == stamps  # nothing generated or judged
+    # other decoding settings in the same --out: the cached answers are stale, so they are made again
+    code, _, err = _dadpo(capsys, *[("4" if a == "6" else a) for a in argv])
+    assert code == 0, err
+    rows = [json.loads(line) for p in (out / "answers").rglob("*.jsonl") for line in p.read_text().splitlines()]
+    assert rows and {r["generation"]["max_new_tokens"] for r in rows} == {4}
 
 
 @pytest.mark.slow

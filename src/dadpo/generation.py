@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -21,6 +22,8 @@ from dadpo.data import PromptRecord, chat_prompt
 from dadpo.errors import DadpoError
 from dadpo.io import append_jsonl, atomic_write_text, read_jsonl, truncate_torn_tail
 from dadpo.models import chat_end_token_ids
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -104,12 +107,14 @@ def answer_records(model, tok, records: list[PromptRecord], cfg: GenerationConfi
 
 
 def generate_to_file(model, tok, records: list[PromptRecord], cfg: GenerationConfig, out: str | os.PathLike,
-                     *, model_name: str, overwrite: bool = False, progress: bool = True) -> list[dict]:
-    """Answer `records` into JSONL `out`, resuming from what an earlier run of the same settings wrote."""
+                     *, model_name: str, overwrite: bool = False, replace_stale: bool = False,
+                     progress: bool = True) -> list[dict]:
+    """Answer `records` into JSONL `out`, resuming from what an earlier run of the same settings wrote.
+    A file of other settings is an error, or with `replace_stale` (answers kept only as a cache) redone."""
     out = Path(out)
     part = out.with_name(out.name + ".part")
     stamp = {"model": model_name, "generation": asdict(cfg)}
-    if overwrite:
+    if overwrite or (replace_stale and not _same_settings(out, part, stamp)):
         out.unlink(missing_ok=True)
         part.unlink(missing_ok=True)
     done = _existing_rows(out, part, stamp)
@@ -137,6 +142,16 @@ def generate_to_file(model, tok, records: list[PromptRecord], cfg: GenerationCon
         atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         part.unlink()
     return rows
+
+
+def _same_settings(out: Path, part: Path, stamp: dict) -> bool:
+    """Whether what `out`/`part` hold (if anything) was written with `stamp`'s model and settings."""
+    try:
+        _existing_rows(out, part, stamp)
+    except DadpoError:
+        log.warning("%s was written with other settings: answering again", out)
+        return False
+    return True
 
 
 def _existing_rows(out: Path, part: Path, stamp: dict) -> dict[str, dict]:

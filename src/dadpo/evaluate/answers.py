@@ -51,12 +51,14 @@ def generate_answers(
     prompts: dict[str, list[PromptRecord]],
     progress: bool = True,
 ) -> dict[str, list[dict]]:
-    """Answer every set in `prompts` into `out_dir/answers/<slug>/<set>.jsonl` (resumes, never pays twice)."""
+    """Answer every set in `prompts` into `out_dir/answers/<slug>/<set>.jsonl` (resumes, never pays twice;
+    answers of other generation settings are redone)."""
     cfg = answer_config(config)
     folder = Path(out_dir) / "answers" / model_slug(name, spec)
     return {
         s: generate_to_file(
-            model, tok, recs, cfg, folder / f"{s}.jsonl", model_name=str(spec), progress=progress
+            model, tok, recs, cfg, folder / f"{s}.jsonl", model_name=str(spec), replace_stale=True,
+            progress=progress,
         )
         for s, recs in prompts.items()
     }
