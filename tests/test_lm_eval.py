@@ -36,6 +36,19 @@ def test_unknown_task_is_one_line_error():
         check_tasks(["piqa", "mmlu"])
 
 
+def test_converted_tasks_belong_to_their_data_dir(data_dir, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(data_dir / "openbookqa", other / "openbookqa")
+    rows = (other / "openbookqa/test.jsonl").read_text().splitlines()
+    (other / "openbookqa/test.jsonl").write_text("\n".join(rows[:7]) + "\n")
+    work = tmp_path / "work"
+    full = prepare_local_tasks(["openbookqa"], data_dir, work) / "openbookqa.jsonl"
+    small = prepare_local_tasks(["openbookqa"], other, work) / "openbookqa.jsonl"
+    assert len(full.read_text().splitlines()) == 500 and len(small.read_text().splitlines()) == 7
+
+
 def test_missing_data_file_names_it(tmp_path):
     with pytest.raises(DadpoError, match="piqa"):
         prepare_local_tasks(["piqa"], tmp_path / "nowhere", tmp_path / "work")

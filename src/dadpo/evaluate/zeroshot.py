@@ -7,6 +7,7 @@ task's prompt, so `lm_eval.simple_evaluate` runs with no hub access.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -142,8 +143,10 @@ def check_tasks(tasks: list[str]) -> list[str]:
 
 
 def prepare_local_tasks(tasks: list[str], data_dir: str | os.PathLike, work_dir: str | os.PathLike) -> Path:
-    """Write uniform JSONL + YAML for `tasks` from `data_dir` into `work_dir`; return the YAML folder."""
-    data_dir, work_dir = Path(data_dir), Path(work_dir)
+    """Write uniform JSONL + YAML for `tasks` from `data_dir` into a folder of `work_dir` that belongs to
+    this data dir (converted files are reused, so another data dir must not find them); return it."""
+    data_dir = Path(data_dir)
+    work_dir = Path(work_dir) / hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
     work_dir.mkdir(parents=True, exist_ok=True)
     for task in check_tasks(tasks):
         data = work_dir / f"{task}.jsonl"
