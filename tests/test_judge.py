@@ -142,6 +142,28 @@ def test_openai_judge_over_http_counts_unparsable_replies_invalid(server, tmp_pa
     assert summary["overall"]["n"] + summary["overall"]["invalid"] == 1
 
 
+def test_replies_cut_off_by_max_tokens_are_asked_again_with_a_larger_cap(server, tmp_path, monkeypatch):
+    url, srv = server
+    handler, posts = srv.RequestHandlerClass, []
+    answer = handler.do_POST
+    monkeypatch.setattr(handler, "do_POST", lambda self: (posts.append(self.path), answer(self)))
+    cache = VerdictCache(tmp_path / "v.jsonl")
+
+    def judge(max_tokens: int) -> list[dict]:
+        posts.clear()
+        return OpenAIJudge(url, "smollm", api_key_env=None, retries=0, max_tokens=max_tokens).judge(
+            ITEMS, cache, progress=False)
+
+    assert all(r["verdict"] is None for r in judge(1))  # one token cannot hold "[[A]]": all invalid
+    assert len(posts) == 2
+    judge(1)
+    assert posts == []  # the same cap gives the same reply: served from the cache
+    rows = judge(24)
+    assert len(posts) == 2 and all(r["max_tokens"] == 24 for r in rows)
+    judge(8)
+    assert posts == []  # a smaller cap never redoes a reply written under a larger one
+
+
 def test_openai_judge_sends_the_api_key(server, tmp_path, monkeypatch):
     url, _ = server
     monkeypatch.setenv("MY_JUDGE_KEY", "sk-test")

@@ -31,10 +31,14 @@ class Judge:
     def judge(self, items: list[PairItem], cache: VerdictCache, progress: bool = True) -> list[dict]:
         prompts = [judge_messages(it) for it in items]
         keys = [cache_key(self.id, p) for p in prompts]
-        todo = sorted({k: p for k, p in zip(keys, prompts, strict=True) if cache.get(k) is None}.items())
+        todo = sorted({k: p for k, p in zip(keys, prompts, strict=True) if self._redo(cache.get(k))}.items())
         if todo:
             self._run(todo, cache, progress)
         return [{**cache.get(k), "item": it.key} for k, it in zip(keys, items, strict=True)]
+
+    def _redo(self, cached: dict | None) -> bool:
+        """Whether a prompt must be judged (again): by default only when nothing is cached."""
+        return cached is None
 
     def _run(self, todo: list[tuple[str, list[dict]]], cache: VerdictCache, progress: bool) -> None:
         raise NotImplementedError
@@ -67,6 +71,10 @@ class OpenAIJudge(Judge):
                     f"(set it, or choose another variable with --judge-api-key-env)"
                 )
         self.id = f"openai:{base_url.rstrip('/')}:{model}"
+
+    def _redo(self, cached: dict | None) -> bool:
+        """Also an unparsable reply written under a smaller `max_tokens`: it may have been cut off."""
+        return cached is None or (cached["verdict"] is None and cached.get("max_tokens", 0) < self.max_tokens)
 
     def _post(self, messages: list[dict]) -> str:
         body = json.dumps(
@@ -103,13 +111,16 @@ class OpenAIJudge(Judge):
     def _run(self, todo, cache, progress):
         bar = tqdm(total=len(todo), desc=f"judge {self.model}", unit="verdict", disable=not progress)
         futures: dict = {}
+        kept: set = set()
 
-        def keep(done) -> None:  # cache every finished verdict not cached yet, even when another request failed
+        def keep(done) -> None:  # cache every finished verdict not kept yet, even when another request failed
             rows = []
             for f in done:
-                if not f.cancelled() and f.exception() is None and cache.get(futures[f]) is None:
+                if f not in kept and not f.cancelled() and f.exception() is None:
                     reply = f.result()
-                    rows.append({"key": futures[f], "verdict": parse_verdict(reply), "reply": reply})
+                    rows.append({"key": futures[f], "verdict": parse_verdict(reply), "reply": reply,
+                                 "max_tokens": self.max_tokens})
+                    kept.add(f)
             cache.add(rows)
             bar.update(len(rows))
 
