@@ -114,10 +114,18 @@ def generate_to_file(model, tok, records: list[PromptRecord], cfg: GenerationCon
     out = Path(out)
     part = out.with_name(out.name + ".part")
     stamp = {"model": model_name, "generation": asdict(cfg)}
-    if overwrite or (replace_stale and not _same_settings(out, part, stamp)):
+    if overwrite:
         out.unlink(missing_ok=True)
         part.unlink(missing_ok=True)
-    done = _existing_rows(out, part, stamp)
+    try:
+        done = _existing_rows(out, part, stamp)
+    except DadpoError:  # written with other settings
+        if not replace_stale:
+            raise
+        log.warning("%s was written with other settings: answering again", out)
+        out.unlink(missing_ok=True)
+        part.unlink(missing_ok=True)
+        done = {}
     todo = [r for r in records if r.id not in done]
     if todo:
         if not part.exists():
@@ -142,16 +150,6 @@ def generate_to_file(model, tok, records: list[PromptRecord], cfg: GenerationCon
         atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         part.unlink()
     return rows
-
-
-def _same_settings(out: Path, part: Path, stamp: dict) -> bool:
-    """Whether what `out`/`part` hold (if anything) was written with `stamp`'s model and settings."""
-    try:
-        _existing_rows(out, part, stamp)
-    except DadpoError:
-        log.warning("%s was written with other settings: answering again", out)
-        return False
-    return True
 
 
 def _existing_rows(out: Path, part: Path, stamp: dict) -> dict[str, dict]:
