@@ -119,7 +119,8 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, chunk: int = CHUNK) 
 
 def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                        chunk: int = CHUNK) -> torch.Tensor:
-    """log softmax(hidden @ weight.T)[label] for hidden (N, H), weight (V, H), labels (N): no (N, V) kept."""
+    """log softmax(hidden @ weight.T)[label] for hidden (N, H), weight (V, H), labels (N): no (N, V) logits kept;
+    the softmax is kept for backward only when a backward will run and it fits in `KEEP_PROBS_BYTES`."""
     for_backward = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearTokenLogps.apply(hidden, weight, labels, chunk, for_backward)
 
