@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dadpo.errors import DadpoError
+from dadpo.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +81,78 @@ def resolve_model(spec: str) -> str:
                      f"or one of: {known}")
 
 
-def _gguf_cache_dir(gguf: Path) -> Path:
+#: files `from_pretrained` may read from a model directory (weights, configs, tokenizer, remote code)
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt", ".jinja", ".py", ".tiktoken")
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of every byte of `path`, computed once per version of the file.
+
+    The digest is remembered in `<cache>/file-digests.json` under the resolved path together with the file's
+    size, mtime_ns, ctime_ns and inode; while those stay the same, a later call only stats the file. Any
+    write or replacement changes one of them (ctime cannot be set back by hand), so the file is hashed again.
+    """
+    path = path.resolve()
+    st = path.stat()
+    version = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    index_path = cache_root() / "file-digests.json"
+    index = _read_digest_index(index_path)
+    known = index.get(str(path))
+    if isinstance(known, dict) and known.get("version") == version:
+        return known["sha256"]
     h = hashlib.sha256()
-    h.update(str(gguf.stat().st_size).encode())
-    with open(gguf, "rb") as f:
-        h.update(f.read(1 << 20))
-    return cache_root() / "gguf" / f"{gguf.stem}-{h.hexdigest()[:12]}"
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    index[str(path)] = {"version": version, "sha256": h.hexdigest()}
+    try:
+        atomic_write_json(index_path, index)
+    except OSError as e:  # a read-only cache: correct still, only hashed again next time
+        log.debug("cannot remember the digest of %s in %s: %s", path, index_path, e)
+    return h.hexdigest()
+
+
+def _read_digest_index(path: Path) -> dict:
+    """The remembered digests; a missing or damaged index is only a cache, so it reads as empty."""
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def model_fingerprint(spec: str) -> str:
+    """What a model spec stands for, for cache keys: changes whenever the weights behind the spec change.
+
+    - an alias or a `.gguf` file: `sha256:` + the GGUF's content hash (see `file_digest`);
+    - a local directory: `stat:` + a hash of the name, size, mtime_ns and inode of each file
+      `from_pretrained` may read (`MODEL_FILE_SUFFIXES`). Stat-based, so it stays cheap for GB of weights:
+      any rewrite of a file (save_pretrained, a prune again in place) gives it a new mtime or inode;
+    - anything else (a hub id, or a spec that names nothing here): the spec itself.
+    """
+    spec = str(spec)
+    if spec in EMBEDDED_MODELS:
+        return "sha256:" + file_digest(embedded_gguf(spec))[:16]
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf") and path.is_file():
+        return "sha256:" + file_digest(path)[:16]
+    if path.is_dir():
+        return "stat:" + _dir_fingerprint(path)
+    return spec
+
+
+def _dir_fingerprint(path: Path) -> str:
+    stats = []
+    for p in sorted(path.iterdir()):
+        if p.suffix in MODEL_FILE_SUFFIXES and not p.name.startswith(".") and p.is_file():
+            st = p.stat()  # follows symlinks: a linked-in model is fingerprinted by its real files
+            stats.append([p.name, st.st_size, st.st_mtime_ns, st.st_ino])
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    """The conversion's folder, named by the GGUF's full content hash: a changed file is converted anew."""
+    return cache_root() / "gguf" / f"{gguf.stem}-{file_digest(gguf)[:16]}"
 
 
 def convert_gguf(gguf: Path) -> Path:

@@ -29,9 +29,20 @@ def spec_hash(spec: str) -> str:
 
 
 def model_slug(name: str, spec: str) -> str:
-    """A folder name for a model's cached outputs: readable name + hash of the spec it was loaded from."""
+    """A folder name for a model's cached outputs: readable name + hash of the spec it was loaded from.
+    The folder stays when the weights change; what is inside is checked against `model_stamp`."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
     return f"{safe}-{spec_hash(spec)}"
+
+
+def model_stamp(spec: str) -> str:
+    """The model identity cached answers and metrics are stamped and keyed with: the spec plus the
+    fingerprint of its weights (`dadpo.models.model_fingerprint`), so a student folder pruned again in place
+    is answered and measured again. A hub id is its own fingerprint and stays as it is."""
+    from dadpo.models import model_fingerprint
+
+    fingerprint = model_fingerprint(spec)
+    return str(spec) if fingerprint == str(spec) else f"{spec}@{fingerprint}"
 
 
 def answer_config(config: EvalConfig) -> GenerationConfig:
@@ -52,12 +63,13 @@ def generate_answers(
     progress: bool = True,
 ) -> dict[str, list[dict]]:
     """Answer every set in `prompts` into `out_dir/answers/<slug>/<set>.jsonl` (resumes, never pays twice;
-    answers of other generation settings are redone)."""
+    answers of other generation settings or other weights behind the same spec are redone)."""
     cfg = answer_config(config)
     folder = Path(out_dir) / "answers" / model_slug(name, spec)
+    stamp = model_stamp(spec)
     return {
         s: generate_to_file(
-            model, tok, recs, cfg, folder / f"{s}.jsonl", model_name=str(spec), replace_stale=True,
+            model, tok, recs, cfg, folder / f"{s}.jsonl", model_name=stamp, replace_stale=True,
             progress=progress,
         )
         for s, recs in prompts.items()

@@ -24,13 +24,19 @@ log = logging.getLogger(__name__)
 
 
 class Judge:
-    """Base: `judge(items, cache)` returns one cached row per item: {key, verdict (A/B/C or None), ...}."""
+    """Base: `judge(items, cache)` returns one cached row per item: {key, verdict (A/B/C or None), ...}.
+
+    `id` names the judge in reports; `cache_id` keys its verdicts (by default the same)."""
 
     id: str
 
+    @property
+    def cache_id(self) -> str:
+        return self.id
+
     def judge(self, items: list[PairItem], cache: VerdictCache, progress: bool = True) -> list[dict]:
         prompts = [judge_messages(it) for it in items]
-        keys = [cache_key(self.id, p) for p in prompts]
+        keys = [cache_key(self.cache_id, p) for p in prompts]
         todo = sorted({k: p for k, p in zip(keys, prompts, strict=True) if self._redo(cache.get(k))}.items())
         if todo:
             self._run(todo, cache, progress)
@@ -143,15 +149,23 @@ class OpenAIJudge(Judge):
 
 class LocalJudge(Judge):
     """A local HF chat model as judge: the verdict is the most likely of the tokens A/B/C right after the
-    assistant turn opens with `[[`; the three probabilities are kept. Deterministic, never invalid."""
+    assistant turn opens with `[[`; the three probabilities are kept. Deterministic, never invalid.
 
-    def __init__(self, model, tok, name: str, batch_size: int = 4):
+    `fingerprint` (`dadpo.models.model_fingerprint` of the spec `name`) joins the verdict cache key, so a
+    judge folder whose weights changed judges again instead of serving the old model's verdicts."""
+
+    def __init__(self, model, tok, name: str, batch_size: int = 4, fingerprint: str | None = None):
         self.model, self.tok, self.batch_size = model, tok, batch_size
         self.id = f"local:{name}"
+        self._cache_id = self.id if fingerprint in (None, name) else f"{self.id}@{fingerprint}"
         ids = [tok.encode(v, add_special_tokens=False) for v in VERDICTS]
         if any(len(i) != 1 for i in ids):
             raise DadpoError(f"judge {name}: verdict letters are not single tokens in its tokenizer")
         self.verdict_ids = [i[0] for i in ids]
+
+    @property
+    def cache_id(self) -> str:
+        return self._cache_id
 
     @torch.inference_mode()
     def _scores(self, prompts: list[list[dict]]) -> torch.Tensor:

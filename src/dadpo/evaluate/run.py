@@ -22,6 +22,7 @@ from dadpo.evaluate.answers import (
     generate_answers,
     load_eval_set,
     model_slug,
+    model_stamp,
     pair_items,
     rouge_l,
     spec_hash,
@@ -45,11 +46,12 @@ def _data_dir(config: EvalConfig) -> str | None:
 def model_metrics(
     model, tok, name: str, spec: str, out_dir: str | os.PathLike, config: EvalConfig, progress: bool = True
 ) -> dict:
-    """Zero-shot accuracy and perplexity of a loaded model, cached in `out_dir/metrics/<model>.json`."""
+    """Zero-shot accuracy and perplexity of a loaded model, cached in `out_dir/metrics/<model>.json` under a
+    key of the settings and the model's weights (`model_stamp`)."""
     key = hashlib.sha256(
         json.dumps(
-            [spec, config.tasks, config.task_limit, config.ppl_corpora, config.seq_lens, config.ppl_max_windows,
-             _data_dir(config)]
+            [model_stamp(spec), config.tasks, config.task_limit, config.ppl_corpora, config.seq_lens,
+             config.ppl_max_windows, _data_dir(config)]
         ).encode()
     ).hexdigest()[:16]
     path = Path(out_dir) / "metrics" / f"{model_slug(name, spec)}.json"
@@ -98,10 +100,10 @@ def make_judge(cfg: JudgeConfig, loaded: dict | None = None) -> Judge:
             backoff=cfg.backoff,
             max_tokens=cfg.max_tokens,
         )
-    from dadpo.models import load_model
+    from dadpo.models import load_model, model_fingerprint
 
     model, tok = (loaded or {}).get(cfg.model) or load_model(cfg.model)
-    return LocalJudge(model, tok, cfg.model, batch_size=cfg.batch_size)
+    return LocalJudge(model, tok, cfg.model, batch_size=cfg.batch_size, fingerprint=model_fingerprint(cfg.model))
 
 
 def judge_student(
@@ -139,9 +141,10 @@ def seed_caches(out_dir: Path, reuse: Sequence[str | os.PathLike], models: dict[
                 ) -> None:
     """Copy into `out_dir` what sibling evaluate runs already made for the same model specs and settings
     (answers, zero-shot/perplexity metrics, judge verdicts), so `dadpo bench` does not redo `dadpo run`'s work.
-    Only finished files are taken; answers must carry the same model and generation stamp, and metrics are
-    still checked against their cache key when used."""
+    Only finished files are taken; answers must carry the same model stamp (spec and weights) and generation
+    settings, and metrics are still checked against their cache key when used."""
     generation = asdict(answer_config(config))
+    stamps = {spec: model_stamp(spec) for spec in set(models.values())}
     verdicts = VerdictCache(out_dir / "verdicts.jsonl")
     for other in map(Path, reuse):
         if not other.is_dir() or other.resolve() == out_dir.resolve():
@@ -151,7 +154,7 @@ def seed_caches(out_dir: Path, reuse: Sequence[str | os.PathLike], models: dict[
             for src in other.glob(f"answers/*-{digest}/*.jsonl"):
                 dst = out_dir / "answers" / slug / src.name
                 rows = read_jsonl(src)
-                if not dst.exists() and all(r.get("model") == str(spec) and r.get("generation") == generation
+                if not dst.exists() and all(r.get("model") == stamps[spec] and r.get("generation") == generation
                                             for r in rows):
                     atomic_write_text(dst, src.read_text())
             for src in other.glob(f"metrics/*-{digest}.json"):
