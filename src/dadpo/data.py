@@ -2,6 +2,9 @@
 
 A source is a local file or directory, an alias (`dolly`, `vicuna_bench`, ...) or a hub dataset id.
 Aliases resolve to `$DADPO_DATA_DIR/<local path>` when that exists, else to their hub dataset.
+
+Every record has an id: the row's own (`id`, `question_id`), else its position in the set. Answers, caches
+and pairings are keyed by it, so a set in which two rows share an id is refused, naming the id.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -162,7 +166,18 @@ def normalise(rows: Iterable[dict], source: str, fmt: str | None = None) -> list
             out.append(fn(row, i))
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise DadpoError(f"dataset {source}: row {i} is not valid {fmt} ({type(e).__name__}: {e})") from None
+    _check_unique_ids(out, source)
     return out
+
+
+def _check_unique_ids(records: list[PromptRecord], source: str) -> None:
+    """Refuse a set whose rows share an id: answers are keyed by id, so all but one prompt would be lost."""
+    counts = Counter(r.id for r in records)
+    repeated = [(i, n) for i, n in counts.items() if n > 1]
+    if repeated:
+        shown = ", ".join(f"{i!r} ({n} rows)" for i, n in repeated[:5])
+        more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
+        raise DadpoError(f"dataset {source}: duplicate prompt id {shown}{more}; every row needs its own id")
 
 
 def read_rows(path: Path) -> list[dict]:
