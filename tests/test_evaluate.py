@@ -24,7 +24,7 @@ def test_config_defaults_and_recipe_section():
                 "kind": "openai",
                 "model": "gpt-4o",
                 "base_url": "http://x/v1",
-                "api_key_env": "K",
+                "api_key_env": "JUDGE_API_KEY",
                 "concurrency": 8,
             },
         }

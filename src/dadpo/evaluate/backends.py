@@ -11,6 +11,7 @@ import os
 import random
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
@@ -68,7 +69,7 @@ class OpenAIJudge(Judge):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.concurrency, self.retries = model, concurrency, retries
         self.timeout, self.backoff, self.max_tokens = timeout, backoff, max_tokens
-        self.api_key = None
+        self.api_key, self.api_key_env, self._announced = None, api_key_env, False
         if api_key_env:
             self.api_key = os.environ.get(api_key_env)
             if not self.api_key:
@@ -114,7 +115,15 @@ class OpenAIJudge(Judge):
             log.warning("judge request failed (%s); try %d/%d", last, attempt + 1, self.retries + 1)
         raise DadpoError(f"judge endpoint {self.url} unreachable after {self.retries + 1} tries: {last}")
 
+    def _announce_key(self) -> None:
+        """Say once, before the first request, which host receives the key (its variable, never its value)."""
+        if self.api_key and not self._announced:
+            url = urllib.parse.urlsplit(self.url)
+            log.info("judge: sending $%s to %s over %s", self.api_key_env, url.netloc.rpartition("@")[2], url.scheme)
+            self._announced = True
+
     def _run(self, todo, cache, progress):
+        self._announce_key()
         bar = tqdm(total=len(todo), desc=f"judge {self.model}", unit="verdict", disable=not progress)
         futures: dict = {}
         kept: set = set()

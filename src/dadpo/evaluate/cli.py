@@ -64,8 +64,9 @@ def register(subparsers) -> None:
     )
     j.add_argument(
         "--judge-api-key-env",
-        help="environment variable holding the API key (default "
-        "OPENAI_API_KEY; 'none' for an endpoint without a key)",
+        help="environment variable holding the API key, sent to the judge endpoint (default OPENAI_API_KEY; "
+        "'none' for an endpoint without a key). Any name may be given here; a --config file may only name "
+        "variables like *_API_KEY or *_TOKEN",
     )
     j.add_argument("--judge-concurrency", type=int, help="requests in flight (default 4)")
     j.add_argument(
@@ -170,12 +171,12 @@ def build_config(args) -> dict:
 def cmd_evaluate(args) -> int:
     from pydantic import ValidationError
 
-    from dadpo.evaluate.config import EvalConfig
+    from dadpo.evaluate.config import TYPED_KEY_ENV, EvalConfig
     from dadpo.evaluate.run import run_evaluate
 
     students = _students(args.students)
-    try:
-        config = EvalConfig.model_validate(build_config(args))
+    try:  # the key variable typed on this command line may have any name; one from --config may not
+        config = EvalConfig.model_validate(build_config(args), context={TYPED_KEY_ENV: args.judge_api_key_env})
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "config"

@@ -4,9 +4,10 @@ Validators only check values; they never load models or touch the network."""
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from dadpo.evaluate.perplexity import CORPORA
 from dadpo.evaluate.zeroshot import TASKS
@@ -17,6 +18,13 @@ REFERENCE_SETS = ("dolly", "self_instruct", "alpaca_eval")
 #: Dolly is a training set; its held-out evaluation part is the data folder's first 80 rows
 #: (10 per category, see ../shared/data/README.md), unless a per-set limit asks for fewer
 DOLLY_HELDOUT = 80
+
+#: the environment variables a recipe or config file may name as the judge's API key: it is sent to a
+#: `base_url` the file's author chose, and recipes are shared, so never e.g. HOME or AWS_SECRET_ACCESS_KEY
+KEY_ENV_NAME = re.compile(r"[A-Za-z0-9_]+_(API_KEY|TOKEN)")
+#: validation-context key for a variable the user named on the command line (`--judge-api-key-env`), which
+#: may be any: `EvalConfig.model_validate(data, context={TYPED_KEY_ENV: name})`
+TYPED_KEY_ENV = "typed_api_key_env"
 
 
 class JudgeConfig(BaseModel):
@@ -41,6 +49,14 @@ class JudgeConfig(BaseModel):
         if not v.startswith(("http://", "https://")):
             raise ValueError(f"judge.base_url must start with http:// or https://, got {v!r}")
         return v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_env(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None or KEY_ENV_NAME.fullmatch(v) or v == (info.context or {}).get(TYPED_KEY_ENV):
+            return v
+        raise ValueError("a recipe or config may only name a variable like *_API_KEY or *_TOKEN as the judge's "
+                         "key (it is sent to judge.base_url); name any other with --judge-api-key-env")
 
     @field_validator("model")
     @classmethod
