@@ -12,7 +12,6 @@ import torch
 
 from dadpo import models
 from dadpo.evaluate import EvalConfig, run_evaluate
-from dadpo.evaluate.answers import model_stamp
 
 ALIAS = "smollm2-135m-instruct"
 
@@ -105,8 +104,8 @@ def test_model_fingerprint_of_each_kind_of_spec(smollm_dir, tmp_path):
     assert models.model_fingerprint(str(model_dir)) != before
     assert models.model_fingerprint(ALIAS) == "sha256:" + models.file_digest(models.embedded_gguf(ALIAS))[:16]
     assert models.model_fingerprint("org/name") == "org/name"  # a hub id is its own fingerprint
-    assert model_stamp("org/name") == "org/name"
-    assert model_stamp(str(model_dir)) == f"{model_dir}@{models.model_fingerprint(str(model_dir))}"
+    assert models.model_stamp("org/name") == "org/name"
+    assert models.model_stamp(str(model_dir)) == f"{model_dir}@{models.model_fingerprint(str(model_dir))}"
 
 
 def test_student_rewritten_in_place_is_answered_and_measured_again(data_aliases, smollm_dir, tmp_path):
@@ -123,7 +122,7 @@ def test_student_rewritten_in_place_is_answered_and_measured_again(data_aliases,
     again = run_evaluate({"s": str(student)}, str(teacher), out, cfg, progress=False)
     assert again["students"]["s"]["params"] < first["students"]["s"]["params"]  # metrics were not reused
     rows = [json.loads(line) for line in next((out / "answers").glob("s-*/vicuna_bench.jsonl")).open()]
-    assert [r["model"] for r in rows] == [model_stamp(str(student))]  # answered by the new weights
+    assert [r["model"] for r in rows] == [models.model_stamp(str(student))]  # answered by the new weights
     assert teacher_answers.stat().st_mtime_ns == stamp  # the unchanged teacher's answers were reused
 
 

@@ -141,6 +141,14 @@ def model_fingerprint(spec: str) -> str:
     return spec
 
 
+def model_stamp(spec: str) -> str:
+    """A readable model identity for stamping cached outputs (answer rows, metric keys): the spec, plus
+    `@<fingerprint>` unless the spec is its own fingerprint (a hub id), so outputs of the weights a folder
+    held before it was pruned again in place no longer match."""
+    fingerprint = model_fingerprint(spec)
+    return str(spec) if fingerprint == str(spec) else f"{spec}@{fingerprint}"
+
+
 def _dir_fingerprint(path: Path) -> str:
     stats = []
     for p in sorted(path.iterdir()):

@@ -12,6 +12,7 @@ from dadpo.errors import DadpoError
 from dadpo.evaluate.config import DOLLY_HELDOUT, EVAL_SETS, EvalConfig
 from dadpo.evaluate.judge import PairItem
 from dadpo.generation import GenerationConfig, generate_to_file
+from dadpo.models import model_stamp
 
 
 def load_eval_set(name: str, limit: int | None = None) -> list[PromptRecord]:
@@ -33,16 +34,6 @@ def model_slug(name: str, spec: str) -> str:
     The folder stays when the weights change; what is inside is checked against `model_stamp`."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
     return f"{safe}-{spec_hash(spec)}"
-
-
-def model_stamp(spec: str) -> str:
-    """The model identity cached answers and metrics are stamped and keyed with: the spec plus the
-    fingerprint of its weights (`dadpo.models.model_fingerprint`), so a student folder pruned again in place
-    is answered and measured again. A hub id is its own fingerprint and stays as it is."""
-    from dadpo.models import model_fingerprint
-
-    fingerprint = model_fingerprint(spec)
-    return str(spec) if fingerprint == str(spec) else f"{spec}@{fingerprint}"
 
 
 def answer_config(config: EvalConfig) -> GenerationConfig:

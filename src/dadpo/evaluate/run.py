@@ -22,7 +22,6 @@ from dadpo.evaluate.answers import (
     generate_answers,
     load_eval_set,
     model_slug,
-    model_stamp,
     pair_items,
     rouge_l,
     spec_hash,
@@ -35,6 +34,7 @@ from dadpo.evaluate.report import write_plots, write_report
 from dadpo.evaluate.stats import calibrated_margin, combine, pairwise_summary, summarize
 from dadpo.evaluate.zeroshot import run_zeroshot
 from dadpo.io import atomic_write_json, atomic_write_text, read_jsonl
+from dadpo.models import model_stamp
 
 log = logging.getLogger(__name__)
 
