@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dadpo.errors import DadpoError
 from dadpo.io import atomic_path, atomic_write_json, atomic_write_text
+from dadpo.pipeline import read_json_object
 
 #: the zero-shot metric LLM-Pruner reports per task (acc_norm where length normalisation matters)
 TASK_METRIC = {"boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogrande": "acc", "arc_easy": "acc",
@@ -101,6 +103,18 @@ def plot(rows: list[dict], path: Path) -> None:
     with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
+
+
+BENCH_FILES = ("table.md", "bench.json", "preference.png")
+
+
+def check_bench_dir(out_dir: Path) -> None:
+    """Refuse a bench folder whose table, JSON or plot `write_bench` would replace unless its bench.json is
+    one dadpo wrote (the command and the rows): dadpo replaces only what it can prove it made."""
+    there = [name for name in BENCH_FILES if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+    if there and not {"command", "rows"} <= (read_json_object(out_dir / "bench.json") or {}).keys():
+        raise DadpoError(f"{out_dir / there[0]} exists but dadpo did not write it (no bench.json of a dadpo bench "
+                         "beside it); move it or choose another output_dir")
 
 
 def write_bench(out_dir: Path, results: dict, command: str) -> str:

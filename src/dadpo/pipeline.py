@@ -5,6 +5,17 @@ stage whose manifest hash matches, reruns a changed stage and, through the hashe
 The manifest is written (atomically) only after the stage finished, so a half-done stage is never taken
 as done: a killed stage is resumed when its `.pending` hash matches (training restarts from its last
 checkpoint), and started afresh otherwise.
+
+Ownership: dadpo deletes or replaces only what it can prove it made. The proof of a stage folder is the
+runner's own record of that stage: its `manifest.json` naming the stage (finished), or its pending note
+`.<stage>.pending.json` beside it (started; written *before* the folder is created). An empty folder holds
+nothing to lose. Any other file, link or folder at a stage's path stops the run with a one-line `DadpoError`
+naming it, before anything is touched; so does a `recipe.json` in `output_dir` that is not a recipe record
+(and, for `dadpo bench`, a table or plot in `bench/` without dadpo's bench.json: `dadpo.bench.check_bench_dir`).
+`preflight` runs every check that needs no model (paths, ownership, data sets, model specs that are cheap to
+resolve) before a run writes or deletes anything. `check_removable` is the last guard of every folder dadpo
+deletes, here and in `dadpo prune`/`dadpo recover --overwrite`: never a symbolic link, the current
+directory, a parent of it, the home folder or a filesystem root.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dadpo.errors import DadpoError
 from dadpo.io import atomic_write_json
 
 if TYPE_CHECKING:
@@ -54,13 +66,71 @@ def stage_hash(stage: Stage, upstream_hashes: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def read_json_object(path: Path) -> dict | None:
+    """The JSON object in file `path`, or None when there is none (missing, not a file, not a JSON object):
+    how dadpo reads the records that prove it made a folder."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def read_manifest(stage_dir: Path) -> dict | None:
-    path = stage_dir / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json_object(stage_dir / MANIFEST)
+
+
+def check_removable(path: Path, what: str) -> None:
+    """Refuse to delete `path` when it is a symbolic link, the current directory, a parent of it, the home folder
+    or a filesystem root, whatever proof of ownership it holds."""
+    if path.is_symlink():
+        raise DadpoError(f"{what} {path} is a symbolic link; dadpo deletes only real folders it made")
+    real, cwd = path.resolve(), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents or real == Path.home().resolve() or real == Path(real.anchor):
+        raise DadpoError(f"{what} {path} is the current directory, a parent of it, the home folder or a root; "
+                         "dadpo never deletes those")
+
+
+def _made_by_dadpo(d: Path, name: str) -> bool:
+    """Whether stage folder `d` carries the runner's record of stage `name` (see the module docstring)."""
+    manifest = read_manifest(d)
+    return (manifest is not None and manifest.get("stage") == name) or read_json_object(pending_path(d)) is not None
+
+
+def check_stage_dir(out: Path, name: str) -> None:
+    """Refuse a path of stage `name` under `out` that dadpo cannot prove it made, or cannot create."""
+    d = out / name
+    for parent in list(d.parents)[: len(Path(name).parts) - 1]:  # bench/ of bench/evaluate
+        if parent.exists() and not parent.is_dir():
+            raise DadpoError(f"{parent} exists and is not a directory; move it or choose another output_dir")
+    if not (d.exists() or d.is_symlink()):
+        return
+    if d.is_symlink() or not d.is_dir():
+        raise DadpoError(f"{d} is in the way of stage {name!r} (a file or a link, not a folder dadpo made); "
+                         "move it or choose another output_dir")
+    if any(d.iterdir()) and not _made_by_dadpo(d, name):
+        raise DadpoError(f"{d} exists but dadpo did not make it (no {MANIFEST} of stage {name!r} in it, no "
+                         f"{pending_path(d).name} beside it); move it or choose another output_dir")
+
+
+def check_stage_dirs(out: Path, stages: list[Stage]) -> None:
+    for stage in stages:
+        check_stage_dir(out, stage.name)
+
+
+def _start_afresh(out: Path, name: str) -> None:
+    """Delete stage `name`'s folder (changed config or inputs), once more proven to be dadpo's."""
+    d = out / name
+    if d.exists():
+        check_stage_dir(out, name)
+        check_removable(d, "stage folder")
+        shutil.rmtree(d)
 
 
 def run_stages(out: Path, stages: list[Stage], echo: Callable[[str], None] = print) -> dict[str, dict]:
-    """Run `stages` in order under `out`, skipping those already done with the same hash."""
+    """Run `stages` in order under `out`, skipping those already done with the same hash. Every stage path is
+    checked first, so a folder dadpo did not make stops the run before any stage starts."""
+    check_stage_dirs(out, stages)
     hashes: dict[str, str] = {}
     results: dict[str, dict] = {}
     for k, stage in enumerate(stages, 1):
@@ -72,11 +142,11 @@ def run_stages(out: Path, stages: list[Stage], echo: Callable[[str], None] = pri
             results[stage.name] = done["summary"]
             continue
         pending = pending_path(d)
-        resume = pending.is_file() and json.loads(pending.read_text()).get("hash") == h
-        if not resume and d.exists():
-            shutil.rmtree(d)  # changed config or inputs: start this stage afresh
+        resume = (read_json_object(pending) or {}).get("hash") == h
+        if not resume:
+            _start_afresh(out, stage.name)
+        atomic_write_json(pending, {"stage": stage.name, "hash": h, "config": stage.config})  # first: the proof
         d.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(pending, {"hash": h, "config": stage.config})
         echo(f"[{k}/{len(stages)}] {stage.name}: {'resuming' if resume else 'running'} ({h})")
         t0 = time.time()
         summary = stage.run(d, resume)
@@ -199,11 +269,78 @@ def bench_plan(recipe: Recipe, methods: list[str]) -> list[Stage]:
     return stages
 
 
+RECIPE_RECORD = "recipe.json"
+
+
+def check_output_dir(out: Path) -> None:
+    """`out` is a directory, or one that can be made, that this user can write to."""
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise DadpoError(f"output_dir: {existing} exists and is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DadpoError(f"output_dir: {existing} is not writable")
+    record = out / RECIPE_RECORD
+    if record.exists() and not {"name", "output_dir"} <= (read_json_object(record) or {}).keys():
+        raise DadpoError(f"output_dir: {record} exists and is not a recipe record dadpo wrote; move it or "
+                         "choose another output_dir")
+
+
+def _check_datasets(recipe: Recipe, stages: list[Stage]) -> None:
+    """Load every prompt set the stages will read (under the recipe's data_dir); errors name the recipe key."""
+    from dadpo.data import load_prompts
+    from dadpo.prune.api import needs_calibration
+
+    folders = [("data_dir", recipe.data_dir), ("evaluate.data_dir", recipe.evaluate and recipe.evaluate.data_dir)]
+    for key, folder in folders:
+        if folder and not Path(folder).expanduser().is_dir():
+            raise DadpoError(f"{key}: {folder} is not a directory")
+    sets = [("prune.calib", recipe.prune.calib)] if recipe.prune and needs_calibration(recipe.prune) else []
+    if any("prompts" in s.config for s in stages):  # a recover stage (bench recovers without a recover: section)
+        sets.append(("prompts", recipe.prompts))
+    sets += [("evaluate.sets", name) for name in (recipe.evaluate.sets if recipe.evaluate else [])]
+    with data_dir_env(recipe.data_dir):
+        for key, source in sets:
+            try:
+                load_prompts(source)
+            except DadpoError as e:
+                raise DadpoError(f"{key}: {e}") from None
+
+
+def _check_models(recipe: Recipe) -> None:
+    """Resolve the model specs that resolve cheaply (local folders, hub ids); a GGUF or an alias is converted
+    on first use, which is the stage's work."""
+    from dadpo.models import EMBEDDED_MODELS, resolve_model
+
+    specs = [("teacher", recipe.teacher)] + ([] if recipe.pruned else [("student", recipe.student)])
+    judge = recipe.evaluate and recipe.evaluate.judge
+    if judge and judge.kind == "local":
+        specs.append(("evaluate.judge.model", judge.model))
+    for key, spec in specs:
+        if spec in EMBEDDED_MODELS or spec.endswith(".gguf"):
+            continue
+        try:
+            resolve_model(spec)
+        except DadpoError as e:
+            raise DadpoError(f"{key}: {e}") from None
+
+
+def preflight(recipe: Recipe, stages: list[Stage]) -> None:
+    """Everything a run can check without loading a model, before it writes or deletes anything: the output
+    paths and who made what is there, the data sets, and the model specs that resolve cheaply."""
+    out = Path(recipe.output_dir)
+    check_output_dir(out)
+    check_stage_dirs(out, stages)
+    _check_datasets(recipe, stages)
+    _check_models(recipe)
+
+
 def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print, stages: list[Stage] | None = None
                ) -> dict[str, dict]:
-    """Run a recipe's stages (default: `plan(recipe)`) under its output_dir."""
+    """Run a recipe's stages (default: `plan(recipe)`) under its output_dir, once `preflight` passed."""
+    stages = stages if stages is not None else plan(recipe)
+    preflight(recipe, stages)
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "recipe.json", recipe.model_dump(mode="json"))
+    atomic_write_json(out / RECIPE_RECORD, recipe.model_dump(mode="json"))
     with data_dir_env(recipe.data_dir):
-        return run_stages(out, stages if stages is not None else plan(recipe), echo)
+        return run_stages(out, stages, echo)

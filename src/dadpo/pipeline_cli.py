@@ -24,7 +24,9 @@ def register(sub) -> None:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a recipe value, e.g. --set recover.beta2=0.1 (repeatable)")
     r.add_argument("--out", help="override output_dir")
-    r.add_argument("--dry-run", action="store_true", help="validate and print the plan, run nothing")
+    r.add_argument("--dry-run", action="store_true",
+                   help="validate everything that needs no model (recipe, paths, data sets), print the plan, "
+                   "run nothing")
     r.set_defaults(func=cmd_run)
 
     p = sub.add_parser("prune-recover", help="one-liner: prune a model, then recover it from the original",
@@ -60,13 +62,14 @@ def register(sub) -> None:
 
 
 def _execute(recipe, dry_run: bool = False) -> int:
-    from dadpo.pipeline import plan, run_recipe
+    from dadpo.pipeline import plan, preflight, run_recipe
 
     stages = plan(recipe)
     print(f"recipe {recipe.name}: {' → '.join(s.name for s in stages)} into {recipe.output_dir}")
     if dry_run:
+        preflight(recipe, stages)
         return 0
-    results = run_recipe(recipe)
+    results = run_recipe(recipe, stages=stages)
     print(summary_text(results))
     return 0
 
@@ -115,7 +118,7 @@ def cmd_bench(args) -> int:
     import shlex
     import sys
 
-    from dadpo.bench import write_bench
+    from dadpo.bench import check_bench_dir, write_bench
     from dadpo.pipeline import BENCH_METHODS, bench_plan, run_recipe
     from dadpo.recipe import load_recipe
 
@@ -130,6 +133,7 @@ def cmd_bench(args) -> int:
         raise DadpoError(f"{args.recipe}: evaluate: bench needs an evaluate section")
     stages = bench_plan(recipe, methods)
     print(f"bench {recipe.name}: {', '.join(methods)} ({len(stages)} stages) into {recipe.output_dir}")
+    check_bench_dir(Path(recipe.output_dir) / "bench")
     results = run_recipe(recipe, stages=stages)
     command = "dadpo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     print(write_bench(Path(recipe.output_dir) / "bench", results["bench/evaluate"], command))
