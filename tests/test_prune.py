@@ -240,13 +240,15 @@ def test_cli_refuses_non_empty_out_and_unsupported_model(tmp_path, tok, capsys):
 
 
 def test_cli_prunes_and_overwrites(tmp_path, tok, capsys, calib_file, data_aliases):
+    """--overwrite replaces a model dadpo pruned (its pruning.json), whatever was added to it since."""
     src = save_tiny(tmp_path, tok, heads=4, kv=2)
     out = tmp_path / "out"
-    out.mkdir()
+    args = ["prune", "--model", str(src), "--out", str(out), "--ratio", "0.05", "--importance", "taylor",
+            "--calib", calib_file, "--calib-samples", "4", "--calib-max-len", "32", "--ppl-max-windows", "2"]
+    assert main([*args, "--importance", "magnitude", "--no-reconstruct", "--ppl-max-windows", "0"]) == 0
     (out / "old.txt").write_text("old")
-    code = main(["prune", "--model", str(src), "--out", str(out), "--overwrite", "--ratio", "0.05",
-                 "--importance", "taylor", "--calib", calib_file, "--calib-samples", "4", "--calib-max-len", "32",
-                 "--ppl-max-windows", "2"])
+    assert main(args) == 2 and "pass --overwrite" in capsys.readouterr().err
+    code = main([*args, "--overwrite"])
     assert code == 0
     assert capsys.readouterr().out.startswith("removed ")
     assert abs(json.loads((out / "report.json").read_text())["ratio_achieved"] - 0.05) <= 0.005

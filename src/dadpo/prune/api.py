@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from dadpo.errors import DadpoError
+from dadpo.pipeline import check_removable, read_json_object
 from dadpo.prune.config import PruneConfig
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,7 @@ def prune(model, tokenizer, config: PruneConfig) -> dict:
     before = count_params(model)
     target = round(config.ratio * before["total"])
     units, graphs = build_units(model, layers)
-    batches = []
-    if config.importance in ("taylor", "activation") or config.reconstruct:
-        batches = calibration_batches(tokenizer, config)
+    batches = calibration_batches(tokenizer, config) if needs_calibration(config) else []
     was_training = model.training
     model.eval()
     log.info("scoring %d layers by %s on %d calibration batches", len(units), config.importance, len(batches))
@@ -110,11 +109,30 @@ def _library_versions() -> dict[str, str]:
     return out
 
 
+def needs_calibration(config: PruneConfig) -> bool:
+    """Whether pruning reads the calibration set: Taylor/activation scores, or the least-squares refit."""
+    return config.importance in ("taylor", "activation") or config.reconstruct
+
+
+def is_pruned_dir(path: Path) -> bool:
+    """Whether `path` holds a model dadpo pruned: the pruning.json that `_write_reports` writes into it."""
+    return {"source_model", "ratio_achieved"} <= (read_json_object(path / "pruning.json") or {}).keys()
+
+
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """`--out` is replaced as a whole, so it must be new, empty, or (with --overwrite) a model dadpo pruned;
+    and never a link, the current directory or a parent of it."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DadpoError(f"--out {out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise DadpoError(f"--out {out_dir} exists and is not empty; pass --overwrite to replace it")
+    if not out_dir.exists():
+        return
+    if any(out_dir.iterdir()):
+        if not is_pruned_dir(out_dir):
+            raise DadpoError(f"--out {out_dir} is not empty and holds no pruning.json of a dadpo prune; --overwrite "
+                             "replaces only dadpo's own prunes, so choose another --out")
+        if not overwrite:
+            raise DadpoError(f"--out {out_dir} holds an earlier prune; pass --overwrite to replace it")
+    check_removable(out_dir, "--out")
 
 
 def _evaluate(model, tok, config: PruneConfig, text: str | None) -> dict:
@@ -166,7 +184,7 @@ def prune_to_dir(model_spec: str, out_dir, config: PruneConfig, overwrite: bool 
     check_supported(model_config)
     with torch.device("meta"):  # shapes only: check the range and the ratio before loading weights
         check_reachable(AutoModelForCausalLM.from_config(model_config), config)
-    if config.importance in ("taylor", "activation") or config.reconstruct:
+    if needs_calibration(config):
         from dadpo.data import load_prompts
 
         load_prompts(config.calib)  # fail on a bad --calib before loading the model
@@ -195,6 +213,7 @@ def prune_to_dir(model_spec: str, out_dir, config: PruneConfig, overwrite: bool 
         tmp.chmod(0o755)  # mkdtemp/mkstemp make private files; a saved model is meant to be shared
         for f in tmp.iterdir():
             f.chmod(0o644)
+        _check_out_dir(out_dir, overwrite)  # again: pruning took minutes, and --out is about to be replaced
         _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -211,7 +230,8 @@ def _peak_memory_mb() -> dict[str, float]:
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished `tmp` to `out_dir`, replacing an old one only once the new one is complete."""
+    """Move the finished `tmp` to `out_dir`, replacing an old one (checked by `_check_out_dir`) only once the
+    new one is complete; the old one is deleted from inside a temporary folder dadpo made for it."""
     old = None
     if out_dir.exists():
         old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
