@@ -31,6 +31,7 @@ from dadpo.data import PromptRecord, load_prompts
 from dadpo.errors import DadpoError
 from dadpo.generation import GenerationConfig, generate_to_file
 from dadpo.io import atomic_write_json
+from dadpo.pipeline import check_removable, read_json_object
 from dadpo.recover.config import RecoverConfig
 from dadpo.recover.forward import response_logps, teacher_topk
 from dadpo.recover.losses import dadpo_margins
@@ -114,10 +115,18 @@ def check_same_vocab(student: str, teacher: str):
 
 
 def _claim(out: Path, manifest: dict, overwrite: bool) -> None:
-    """Record what `out` is made with; refuse to mix settings in one directory unless overwriting."""
+    """Record what `out` is made with; refuse to mix settings in one run unless overwriting. Only a folder
+    that holds dadpo's recover.json is a run: any other non-empty folder is refused, never taken over or
+    deleted, and --overwrite never deletes a link, the current directory or a parent of it."""
     path = out / "recover.json"
-    if path.is_file() and not overwrite:
-        old = json.loads(path.read_text())
+    if out.exists() and not out.is_dir():
+        raise DadpoError(f"--out {out} exists and is not a directory")
+    old = read_json_object(path)
+    ours = old is not None and {"student", "teacher", "prompts", "config"} <= old.keys()
+    if not ours and out.is_dir() and any(out.iterdir()):
+        raise DadpoError(f"--out {out} exists and is not a recover run (no recover.json of dadpo's in it); "
+                         "--overwrite replaces only dadpo's own runs, so choose another --out")
+    if ours and not overwrite:
         if old != manifest:
             diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
             if "config" in diff:
@@ -127,10 +136,9 @@ def _claim(out: Path, manifest: dict, overwrite: bool) -> None:
             raise DadpoError(f"--out {out} holds a run made with other settings ({', '.join(diff)}); "
                              f"use --overwrite or another --out")
         return
-    if overwrite and out.exists():
+    if ours:
+        check_removable(out, "--out")
         shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()):
-        raise DadpoError(f"--out {out} exists and is not a recover run; use --overwrite or another --out")
     atomic_write_json(path, manifest)
 
 
