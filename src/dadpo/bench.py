@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dadpo.errors import DadpoError
-from dadpo.io import atomic_path, atomic_write_json, atomic_write_text
-from dadpo.pipeline import read_json_object
+from dadpo.io import atomic_path, atomic_write_json, atomic_write_text, read_json_object
 
 #: the zero-shot metric LLM-Pruner reports per task (acc_norm where length normalisation matters)
 TASK_METRIC = {"boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogrande": "acc", "arc_easy": "acc",

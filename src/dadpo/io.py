@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dadpo.errors import DadpoError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
@@ -88,3 +90,24 @@ def truncate_torn_tail(path: str | os.PathLike) -> None:
         keep = data.rfind(b"\n") + 1
         with open(path, "r+b") as f:
             f.truncate(keep)
+
+
+def read_json_object(path: Path) -> dict | None:
+    """The JSON object in file `path`, or None when there is none (missing, not a file, not a JSON object):
+    how dadpo reads the records that prove it made a folder."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def check_removable(path: Path, what: str) -> None:
+    """Refuse to delete `path` when it is a symbolic link, the current directory, a parent of it, the home folder
+    or a filesystem root, whatever proof of ownership it holds."""
+    if path.is_symlink():
+        raise DadpoError(f"{what} {path} is a symbolic link; dadpo deletes only real folders it made")
+    real, cwd = path.resolve(), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents or real == Path.home().resolve() or real == Path(real.anchor):
+        raise DadpoError(f"{what} {path} is the current directory, a parent of it, the home folder or a root; "
+                         "dadpo never deletes those")

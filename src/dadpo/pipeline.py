@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dadpo.errors import DadpoError
-from dadpo.io import atomic_write_json
+from dadpo.io import atomic_write_json, check_removable, read_json_object
 
 if TYPE_CHECKING:
     from dadpo.recipe import Recipe
@@ -66,29 +66,8 @@ def stage_hash(stage: Stage, upstream_hashes: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def read_json_object(path: Path) -> dict | None:
-    """The JSON object in file `path`, or None when there is none (missing, not a file, not a JSON object):
-    how dadpo reads the records that prove it made a folder."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 def read_manifest(stage_dir: Path) -> dict | None:
     return read_json_object(stage_dir / MANIFEST)
-
-
-def check_removable(path: Path, what: str) -> None:
-    """Refuse to delete `path` when it is a symbolic link, the current directory, a parent of it, the home folder
-    or a filesystem root, whatever proof of ownership it holds."""
-    if path.is_symlink():
-        raise DadpoError(f"{what} {path} is a symbolic link; dadpo deletes only real folders it made")
-    real, cwd = path.resolve(), Path.cwd().resolve()
-    if real == cwd or real in cwd.parents or real == Path.home().resolve() or real == Path(real.anchor):
-        raise DadpoError(f"{what} {path} is the current directory, a parent of it, the home folder or a root; "
-                         "dadpo never deletes those")
 
 
 def _made_by_dadpo(d: Path, name: str) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from dadpo.errors import DadpoError
-from dadpo.pipeline import check_removable, read_json_object
+from dadpo.io import check_removable, read_json_object
 from dadpo.prune.config import PruneConfig
 
 log = logging.getLogger(__name__)

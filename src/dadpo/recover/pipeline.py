@@ -30,8 +30,7 @@ from tqdm.auto import tqdm
 from dadpo.data import PromptRecord, load_prompts
 from dadpo.errors import DadpoError
 from dadpo.generation import GenerationConfig, generate_to_file
-from dadpo.io import atomic_write_json
-from dadpo.pipeline import check_removable, read_json_object
+from dadpo.io import atomic_write_json, check_removable, read_json_object
 from dadpo.recover.config import RecoverConfig
 from dadpo.recover.forward import response_logps, teacher_topk
 from dadpo.recover.losses import dadpo_margins
