@@ -198,6 +198,20 @@ def test_pipeline_end_to_end_lora_with_kd_and_resume_guards(tiny, tmp_path):
         run_recover(tiny["student"], tiny["teacher"], tiny["prompts"], tmp_path / "junk", cfg)
 
 
+def test_dsft_run_killed_after_its_model_copy_resumes_and_a_rewritten_teacher_is_another_run(tiny, tmp_path):
+    import shutil
+
+    teacher = shutil.copytree(tiny["teacher"], tmp_path / "teacher")
+    out = tmp_path / "run"
+    cfg = {**TINY_CFG, "method": "dsft"}
+    metrics = run_recover(tiny["student"], str(teacher), tiny["prompts"], out, cfg)
+    (out / "metrics.json").unlink()  # killed after model/ was copied, before metrics.json
+    assert run_recover(tiny["student"], str(teacher), tiny["prompts"], out, cfg) == metrics
+    _tiny_model(teacher, Path(tiny["teacher"]), seed=7)  # the same path now holds other weights
+    with pytest.raises(DadpoError, match=r"other settings \(teacher\)"):
+        run_recover(tiny["student"], str(teacher), tiny["prompts"], out, cfg)
+
+
 def test_held_out_pairs_scored_in_the_cached_scores_precision(tiny, tmp_path):
     """bf16: π_ref/π_te are cached under autocast, so the held-out policy scores must be too; with a
     learning rate too small to move any fp32 weight the final model is π_ref and Δ_ref is exactly 0."""

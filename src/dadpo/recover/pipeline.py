@@ -31,6 +31,7 @@ from dadpo.data import PromptRecord, load_prompts
 from dadpo.errors import DadpoError
 from dadpo.generation import GenerationConfig, generate_to_file
 from dadpo.io import atomic_write_json, check_removable, read_json_object
+from dadpo.models import model_stamp
 from dadpo.recover.config import RecoverConfig
 from dadpo.recover.forward import response_logps, teacher_topk
 from dadpo.recover.losses import dadpo_margins
@@ -51,7 +52,8 @@ def run_recover(student: str, teacher: str, prompts: str, out_dir: str | os.Path
     out = Path(out_dir)
     train_recs, eval_recs = _split(load_prompts(prompts), cfg, prompts)
     tok = check_same_vocab(student, teacher)
-    manifest = {"student": str(student), "teacher": str(teacher), "prompts": str(prompts),
+    # models by spec and content (`model_stamp`): a folder rewritten in place is another run, not this one
+    manifest = {"student": model_stamp(student), "teacher": model_stamp(teacher), "prompts": str(prompts),
                 "config": cfg.model_dump(mode="json")}
     _claim(out, manifest, overwrite)
     _link_shared(out, [Path(r) for r in reuse], manifest, cfg)
@@ -205,7 +207,7 @@ def _generate(spec: str, records: list[PromptRecord], cfg: RecoverConfig, path: 
     gen = GenerationConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                            batch_size=s.batch_size, seed=cfg.seed)
     model, tok = _load(spec)
-    rows = generate_to_file(model, tok, records, gen, path, model_name=name or spec)
+    rows = generate_to_file(model, tok, records, gen, path, model_name=name or model_stamp(spec))
     return {r["id"]: r["response"] for r in rows}
 
 
@@ -351,6 +353,8 @@ def _save_model(model, tok, target: Path) -> None:
 
 
 def _copy_model(src: Path, target: Path) -> Path:
+    if (target / "config.json").is_file():  # copied before a kill (the rename below is atomic)
+        return target
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
