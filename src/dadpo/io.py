@@ -1,10 +1,13 @@
-"""Crash-safe file writing: nothing we write is ever visible half-written."""
+"""Files in and out: crash-safe writing (nothing we write is ever visible half-written), JSONL and YAML
+reading whose errors name the file's own line, and the checks made before writing (output paths) or
+deleting (ownership) anything."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -66,20 +69,31 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 
 def read_jsonl(path: str | os.PathLike, *, drop_torn_tail: bool = False) -> list[dict]:
     """Read a JSONL file. With `drop_torn_tail`, a last line cut short by a crash is ignored."""
-    return list(_iter_jsonl(Path(path), drop_torn_tail))
+    return list(parse_jsonl(Path(path).read_text(encoding="utf-8"), drop_torn_tail=drop_torn_tail))
 
 
-def _iter_jsonl(path: Path, drop_torn_tail: bool) -> Iterator[dict]:
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            if drop_torn_tail and i == len(lines) - 1 and not line.endswith("\n"):
-                return
-            raise
+def parse_jsonl(text: str, *, drop_torn_tail: bool = False) -> Iterator[Any]:
+    """The JSON value of each non-blank line of JSONL `text`.
+
+    Lines end at "\n" only: JSON strings may hold U+2028 or U+0085 unescaped (we write them so, with
+    `ensure_ascii=False`), and `str.splitlines` would cut a row there. A bad line raises
+    `json.JSONDecodeError` with its line and column counted in the whole text, so messages name the file's
+    line, not "line 1" of the row. With `drop_torn_tail`, a last line without its newline (cut short by a
+    crash) is skipped instead."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        line = text[start:] if end < 0 else text[start:end]
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                if drop_torn_tail and end < 0:
+                    return
+                raise json.JSONDecodeError(e.msg, text, start + e.pos) from None
+        if end < 0:
+            return
+        start = end + 1
 
 
 def truncate_torn_tail(path: str | os.PathLike) -> None:
@@ -111,3 +125,69 @@ def check_removable(path: Path, what: str) -> None:
     if real == cwd or real in cwd.parents or real == Path.home().resolve() or real == Path(real.anchor):
         raise DadpoError(f"{what} {path} is the current directory, a parent of it, the home folder or a root; "
                          "dadpo never deletes those")
+
+
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """The UTF-8 text of file `path`, given as `what` (e.g. `recipe`, `--config`, `dataset`); every way it can
+    be unreadable (missing, a folder, no permission, not UTF-8) is one DadpoError line naming the file."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DadpoError(f"{what} not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise DadpoError(f"cannot read {what} {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                         f"{e.start})") from None
+    except OSError as e:
+        raise DadpoError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def read_yaml(path: str | os.PathLike, what: str) -> Any:
+    """The parsed YAML file `path`, given as `what` (see `read_text`); invalid YAML is one DadpoError line
+    naming the file and the line and column of the problem."""
+    import yaml
+
+    text = read_text(path, what)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise DadpoError(f"{what} {path}: invalid YAML{where}: {problem}") from None
+
+
+def check_out_path(path: str | os.PathLike, what: str, *, folder: bool, replaced: bool = False) -> None:
+    """Fail with one line naming `what` (e.g. `--out`) unless `path` can be written as a file or, with
+    `folder`, as a folder: it is not the other kind of thing, nothing on the way to it is a file, an existing
+    folder is writable, and so is the folder that will hold it (the nearest existing parent) when it does
+    not exist yet or is `replaced` from beside it (atomic renames, part files). It only looks and creates
+    nothing, so a command stopped here, before any model loads, leaves nothing behind."""
+    path = Path(path)
+    kind = _kind(path, what)
+    if kind == "dir" and not folder:
+        raise DadpoError(f"{what} {path} is a directory; give a file")
+    if kind == "other" and folder:
+        raise DadpoError(f"{what} {path} exists and is not a directory")
+    if kind == "dir" and not os.access(path, os.W_OK | os.X_OK):
+        raise DadpoError(f"{what} {path} is not writable (read-only or permission denied)")
+    if kind is not None and not replaced:
+        return
+    for parent in path.parents:
+        parent_kind = _kind(parent, what)
+        if parent_kind == "other":
+            raise DadpoError(f"{what} {path}: {parent} exists and is not a directory")
+        if parent_kind == "dir":
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise DadpoError(f"{what} {path}: cannot write in {parent} (read-only or permission denied)")
+            return
+
+
+def _kind(path: Path, what: str) -> str | None:
+    """What is at `path`, links followed: "dir", "other" (a file or anything else) or None (nothing)."""
+    try:
+        return "dir" if stat.S_ISDIR(path.stat().st_mode) else "other"
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:  # e.g. a name too long, a loop of links, a folder we may not look into
+        raise DadpoError(f"{what} {path}: {e.strerror or e}") from None
