@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dadpo.errors import DadpoError
+from dadpo.io import parse_jsonl, read_text
 
 Message = dict[str, str]
 
@@ -163,11 +164,31 @@ def normalise(rows: Iterable[dict], source: str, fmt: str | None = None) -> list
     out = []
     for i, row in enumerate(rows):
         try:
-            out.append(fn(row, i))
-        except (KeyError, TypeError, ValueError, IndexError) as e:
+            out.append(_checked(fn(row, i)))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise DadpoError(f"dataset {source}: row {i} is not valid {fmt} ({type(e).__name__}: {e})") from None
     _check_unique_ids(out, source)
     return out
+
+
+_ROLES = ("system", "user", "assistant")
+
+
+def _checked(rec: PromptRecord) -> PromptRecord:
+    """A record that generation and evaluation can use: turns of text in known roles, at least one from the
+    user, and a text (or no) reference and category. Checked while the set loads, so a row of numbers or
+    nulls is named by its row number instead of failing mid-generation."""
+    for m in rec.messages:
+        if m.get("role") not in _ROLES:
+            raise ValueError(f"turn role {m.get('role')!r} is not one of {', '.join(_ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"turn content must be text, got {type(m.get('content')).__name__}")
+    if not any(m["role"] == "user" for m in rec.messages):
+        raise ValueError("no user turn")
+    for name in ("reference", "category"):
+        if not isinstance(getattr(rec, name), str | None):
+            raise ValueError(f"{name} must be text, got {type(getattr(rec, name)).__name__}")
+    return rec
 
 
 def _check_unique_ids(records: list[PromptRecord], source: str) -> None:
@@ -181,19 +202,20 @@ def _check_unique_ids(records: list[PromptRecord], source: str) -> None:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Rows of a .jsonl / .json (array, or object with a list) file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DadpoError(f"cannot read dataset {path}: {e}") from None
+    """Rows of a .jsonl / .json (array, or object with a list) file; a bad line is named by its line number."""
+    text = read_text(path, "dataset")
     try:
         if path.suffix == ".jsonl" or (text.lstrip()[:1] == "{" and "\n{" in text):
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            rows = list(parse_jsonl(text))
         else:
             data = json.loads(text) if text.strip() else []
-            rows = data if isinstance(data, list) else next((v for v in data.values() if isinstance(v, list)), None)
+            if isinstance(data, dict):  # e.g. {"data": [...]}: its first list
+                data = next((v for v in data.values() if isinstance(v, list)), None)
+            rows = data if isinstance(data, list) else None
     except json.JSONDecodeError as e:
-        raise DadpoError(f"dataset {path} is not valid JSON/JSONL: {e}") from None
+        raise DadpoError(f"dataset {path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise DadpoError(f"dataset {path}: JSON nested too deeply to read") from None
     if rows is None or not all(isinstance(r, dict) for r in rows):
         raise DadpoError(f"dataset {path} must hold a list of JSON objects")
     return rows
