@@ -12,11 +12,14 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 
 from dadpo.errors import DadpoError
 from dadpo.io import atomic_write_json
@@ -71,6 +74,7 @@ def resolve_model(spec: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise DadpoError(f"model directory {spec} has no config.json")
+        _check_config(path, spec)
         return str(path)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise DadpoError(f"model not found: {spec} (expected a directory with config.json or a .gguf file)")
@@ -79,6 +83,29 @@ def resolve_model(spec: str) -> str:
     known = ", ".join(sorted(EMBEDDED_MODELS))
     raise DadpoError(f"unknown model spec {spec!r}: give a hub id (org/name), a local directory, a .gguf file, "
                      f"or one of: {known}")
+
+
+def _check_config(path: Path, spec: str) -> None:
+    """Fail with one line, before any weights load or any output is written, on a model folder whose
+    config.json transformers cannot use: not JSON, a model_type it does not know, fields of the wrong type.
+    A folder whose config class is its own code (`auto_map.AutoConfig`) is left to loading, where
+    --trust-remote-code decides."""
+    from transformers import AutoConfig
+
+    import dadpo.prune  # noqa: F401  (registers dadpo's own model types, e.g. non-uniform pruned Llama)
+
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DadpoError(f"model {spec}: cannot read config.json ({_first_line(e)})") from None
+    if not isinstance(raw, dict):
+        raise DadpoError(f"model {spec}: config.json must hold a JSON object, got {type(raw).__name__}")
+    if isinstance(raw.get("auto_map"), dict) and isinstance(raw["auto_map"].get("AutoConfig"), str):
+        return  # the folder's own config code: loading it needs --trust-remote-code, and checks it then
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=False)  # refuse other code, without asking on stdin
+    except (OSError, ValueError, TypeError, StrictDataclassError) as e:  # unknown model_type, fields of wrong type
+        raise DadpoError(f"model {spec}: config.json is not usable ({_first_line(e)})") from None
 
 
 #: files `from_pretrained` may read from a model directory (weights, configs, tokenizer, remote code)
@@ -163,8 +190,36 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return cache_root() / "gguf" / f"{gguf.stem}-{file_digest(gguf)[:16]}"
 
 
+def check_gguf(gguf: Path) -> None:
+    """Fail with one line unless `gguf` is a whole GGUF file: it starts with the GGUF magic bytes, its header
+    parses (with the reader transformers converts with) and the file is long enough for every tensor the
+    header lists. Cheap (the header only, memory-mapped), so it runs before the file is hashed or converted:
+    a garbage or truncated file leaves nothing in the cache."""
+    from transformers.integrations.gguf.reader import GgufHeader
+
+    try:
+        with open(gguf, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise DadpoError(f"model file {gguf}: cannot read it ({e.strerror or e})") from None
+    if magic != b"GGUF":
+        raise DadpoError(f"model file {gguf} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        header = GgufHeader.from_file(str(gguf))
+    except (ValueError, struct.error, OverflowError) as e:  # the reader's words for a damaged or cut header
+        raise DadpoError(f"model file {gguf}: its GGUF header is damaged or cut short ({_first_line(e)})") from None
+    if not header.tensors:
+        raise DadpoError(f"model file {gguf} holds no tensors; it is not a model")
+    need = max(header.data_start + t.offset + t.nbytes for t in header.tensors)
+    size = gguf.stat().st_size
+    if size < need:
+        raise DadpoError(f"model file {gguf} is truncated: {size} bytes, but its header lists tensors up to byte "
+                         f"{need}")
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF into `<cache>/gguf/<name>-<hash>/` once (safetensors + tokenizer); return that dir."""
+    check_gguf(gguf)
     target = _gguf_cache_dir(gguf)
     if (target / "config.json").is_file():
         return target
@@ -176,8 +231,17 @@ def convert_gguf(gguf: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     tmp.chmod(0o755)
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model, info = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                               output_loading_info=True)
+        except (ValueError, KeyError) as e:  # an architecture or metadata transformers cannot map
+            why = f"its metadata lacks {e}" if isinstance(e, KeyError) else _first_line(e)
+            raise DadpoError(f"model file {gguf} cannot be converted: {why}") from None
+        if info["missing_keys"]:  # weights the file lacks would be left randomly initialised: never use those
+            missing = sorted(info["missing_keys"])
+            raise DadpoError(f"model file {gguf} lacks {len(missing)} weights its architecture needs "
+                             f"(e.g. {missing[0]}); it is damaged or not a complete model")
         # A GGUF-loaded model refuses save_pretrained until its (dequantized) quantization state is dropped.
         model.hf_quantizer = None
         model.config.quantization_config = None
@@ -225,7 +289,7 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False):
     path = resolve_model(spec)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # missing or unreadable tokenizer files
         raise DadpoError(f"cannot load tokenizer for {spec!r}: {_first_line(e)}") from None
     if tok.chat_template is None:
         raise DadpoError(f"tokenizer of {spec!r} has no chat template; dadpo works with chat models")
@@ -257,7 +321,7 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError, SafetensorError) as e:  # missing, damaged or not a causal-LM checkpoint
         raise DadpoError(f"cannot load model {spec!r}: {_first_line(e)}") from None
     _fix_chat_eos(model, tok)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -265,4 +329,8 @@ def load_model(
 
 
 def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    """An exception's message as one line: its first, and the next too when the first only leads into it."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return lines[0] + (f" {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else "")
