@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dadpo.errors import DadpoError
 from dadpo.evaluate.config import EvalConfig
+from dadpo.io import read_yaml
 from dadpo.models import DEFAULT_MODEL
 from dadpo.prune import PruneConfig
 from dadpo.recover.config import RecoverConfig
@@ -93,8 +94,10 @@ def _describe(err: dict) -> str:
     if err["type"] == "missing":
         return f"{path}: required key is missing"
     got = err.get("input")
-    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r:.60})"
-    return f"{path}: {msg}{shown}"
+    # pydantic's own messages ("Input should be ...") do not show the value; dadpo's validators
+    # (type value_error) quote it themselves where it helps, so it is added only to the former
+    quiet = isinstance(got, dict) or got is None or err["type"] == "value_error"
+    return f"{path}: {msg}{'' if quiet else f' (got {got!r:.60})'}"
 
 
 def _set_path(data: dict, dotted: str, value: Any) -> None:
@@ -150,20 +153,7 @@ def validate_recipe(data: Any, source: str = "recipe") -> Recipe:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe YAML file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DadpoError(f"recipe not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DadpoError(f"cannot read recipe {path}: {e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise DadpoError(f"{path}: invalid YAML{where}: {problem}") from None
+    data = read_yaml(path, "recipe")
     if data is None:
         raise DadpoError(f"{path}: the recipe is empty")
     if isinstance(data, dict) and overrides:

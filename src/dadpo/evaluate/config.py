@@ -47,7 +47,7 @@ class JudgeConfig(BaseModel):
     @classmethod
     def _url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
-            raise ValueError(f"judge.base_url must start with http:// or https://, got {v!r}")
+            raise ValueError(f"must start with http:// or https://, got {v!r}")
         return v
 
     @field_validator("api_key_env")
@@ -62,7 +62,7 @@ class JudgeConfig(BaseModel):
     @classmethod
     def _model(cls, v: str) -> str:
         if not v.strip():
-            raise ValueError("judge.model must not be empty")
+            raise ValueError("must not be empty")
         return v
 
 
@@ -107,7 +107,7 @@ class EvalConfig(BaseModel):
     def _sets(cls, v: list[str]) -> list[str]:
         bad = [s for s in v if s not in EVAL_SETS]
         if bad:
-            raise ValueError(f"sets: unknown {', '.join(bad)}; choose from {', '.join(EVAL_SETS)}")
+            raise ValueError(f"unknown {', '.join(bad)}; choose from {', '.join(EVAL_SETS)}")
         return list(dict.fromkeys(v))
 
     @field_validator("tasks")
@@ -115,14 +115,14 @@ class EvalConfig(BaseModel):
     def _tasks(cls, v: list[str]) -> list[str]:
         bad = [t for t in v if t not in TASKS]
         if bad:
-            raise ValueError(f"tasks: unknown {', '.join(bad)}; choose from {', '.join(TASKS)}")
+            raise ValueError(f"unknown {', '.join(bad)}; choose from {', '.join(TASKS)}")
         return list(dict.fromkeys(v))
 
     @field_validator("seq_lens")
     @classmethod
     def _seq_lens(cls, v: list[int]) -> list[int]:
         if any(s < 2 for s in v):
-            raise ValueError(f"seq_lens: every window length must be ≥ 2, got {v}")
+            raise ValueError(f"every window length must be ≥ 2, got {v}")
         return v
 
     @model_validator(mode="after")

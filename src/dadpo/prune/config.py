@@ -46,7 +46,7 @@ class PruneConfig(BaseModel):
     @classmethod
     def _ratio(cls, v: float) -> float:
         if not 0 < v <= 0.9:
-            raise ValueError(f"ratio must be in (0, 0.9], got {v}")
+            raise ValueError(f"must be in (0, 0.9], got {v}")
         return v
 
     @field_validator("layers")
@@ -56,10 +56,10 @@ class PruneConfig(BaseModel):
             return v
         m = _LAYERS.match(v)
         if not m:
-            raise ValueError(f'layers must look like "4:28" (start:end), got {v!r}')
+            raise ValueError(f'must look like "4:28" (start:end), got {v!r}')
         start, end = m.groups()
         if start and end and int(start) >= int(end):
-            raise ValueError(f"layers {v!r} is empty (start must be < end)")
+            raise ValueError(f"{v!r} is empty (start must be < end)")
         return v.replace(" ", "")
 
     def layer_range(self, n_layers: int) -> range:

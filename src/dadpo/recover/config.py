@@ -35,6 +35,15 @@ class LoraConfig(_Section):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, v: list[str]) -> list[str]:
+        """peft needs at least one module name to put adapters on; an empty list fails only after the
+        teacher has answered every prompt, so it is refused here."""
+        if not v or any(not m.strip() for m in v):
+            raise ValueError(f"give at least one module name, and no empty names, got {v}")
+        return v
+
 
 class SamplingConfig(_Section):
     """How teacher (chosen) and student (rejected) responses are sampled, once, before training."""
@@ -84,9 +93,9 @@ class RecoverConfig(_Section):
 
     @field_validator("beta1", "beta2")
     @classmethod
-    def _beta_positive(cls, v: float, info) -> float:
+    def _beta_positive(cls, v: float) -> float:
         if v <= 0:
-            raise ValueError(f"{info.field_name} must be > 0, got {v}")
+            raise ValueError(f"must be > 0, got {v}")
         return v
 
     @model_validator(mode="after")
