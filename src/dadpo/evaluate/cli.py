@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from dadpo.errors import DadpoError
+from dadpo.io import check_out_path, read_yaml
 
 _DESCRIPTION = """\
 Evaluate one or more students against their teacher and write OUT/results.json, OUT/report.md and PNG
@@ -112,12 +114,7 @@ def build_config(args) -> dict:
 
     data: dict = {}
     if args.config:
-        import yaml
-
-        try:
-            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise DadpoError(f"--config {args.config}: {e}") from None
+        loaded = read_yaml(args.config, "--config") or {}
         section = loaded.get("evaluate", loaded) if isinstance(loaded, dict) else loaded
         if not isinstance(section, dict | None):
             raise DadpoError(f"--config {args.config}: expected a mapping of evaluate settings "
@@ -149,10 +146,10 @@ def build_config(args) -> dict:
         data["generation"] = {**(data.get("generation") or {}), **flags}
     if args.judge == "none":
         data["judge"] = None
-    elif args.judge or any(
+    elif isinstance(data.get("judge"), dict | None) and (args.judge or any(  # anything else: EvalConfig names it
         getattr(args, f"judge_{k}") is not None
         for k in ("base_url", "api_key_env", "concurrency", "retries", "timeout")
-    ):
+    )):
         judge = dict(data.get("judge") or {})
         if args.judge:
             kind, _, model = args.judge.partition(":")
@@ -181,17 +178,24 @@ def cmd_evaluate(args) -> int:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "config"
         raise DadpoError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+    check_out_path(args.out, "--out", folder=True)
     results = run_evaluate(students, args.teacher, args.out, config)
     for name, sets in results["pairwise"].items():
         for s, summ in sets.items():
-            o = summ["overall"]
-            ci = o["preference"]["ci95"]
-            print(
-                f"{name} vs teacher on {s}: preference {o['preference']['value']:+.1f}% "
-                + (f"[{ci[0]:+.1f}, {ci[1]:+.1f}] " if ci else "")
-                + f"(win {o['win']['value']:.1f} / tie {o['tie']['value']:.1f} / "
-                f"loss {o['loss']['value']:.1f}, "
-                f"flips {o['flip_rate'] or 0:.1f}%, invalid {o['invalid']})"
-            )
+            print(summary_line(name, s, summ["overall"]))
     print(f"wrote {Path(args.out) / 'report.md'} and results.json")
     return 0
+
+
+def summary_line(name: str, set_name: str, o: dict) -> str:
+    """One student's overall result on one set. With no valid verdict the rates are undefined (NaN, null
+    in results.json) and read "n/a", not "+nan%"."""
+
+    def num(value: float | None, fmt: str = ".1f", unit: str = "") -> str:
+        return format(value, fmt) + unit if value is not None and math.isfinite(value) else "n/a"
+
+    ci = o["preference"]["ci95"]
+    return (f"{name} vs teacher on {set_name}: preference {num(o['preference']['value'], '+.1f', '%')} "
+            + (f"[{num(ci[0], '+.1f')}, {num(ci[1], '+.1f')}] " if ci else "")
+            + f"(win {num(o['win']['value'])} / tie {num(o['tie']['value'])} / loss {num(o['loss']['value'])}, "
+            f"flips {num(o['flip_rate'] or 0, unit='%')}, invalid {o['invalid']})")

@@ -179,19 +179,23 @@ def run_evaluate(
 
     `reuse`: other evaluate output dirs whose cached answers, metrics and verdicts of the same models are
     copied in first (see `seed_caches`)."""
-    from dadpo.models import load_model, resolve_model
+    from dadpo.models import load_model, load_tokenizer
 
     if not students:
         raise DadpoError("no student to evaluate")
     if "teacher" in students:
         raise DadpoError("a student may not be named 'teacher'")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # cheap checks first: a missing API key, a bad spec or set fails now, not after an hour of work
+    # cheap checks first: a missing API key, a bad spec or set fails now, not after an hour of work, and
+    # before out_dir is made, so a refused run leaves no empty folder behind
     judge = make_judge(config.judge) if config.judge and config.judge.kind == "openai" and config.sets else None
-    for spec in [teacher, *students.values()]:
-        resolve_model(spec)
+    local_judge = [config.judge.model] if config.judge and config.judge.kind == "local" and config.sets else []
+    for spec in dict.fromkeys([teacher, *students.values(), *local_judge]):
+        load_tokenizer(spec)  # resolves the spec and reads its config and tokenizer: seconds, no weights
     prompts = {s: load_eval_set(s, config.limit) for s in config.sets}
+    for corpus in config.ppl_corpora:
+        load_corpus(corpus, _data_dir(config))
+    out_dir.mkdir(parents=True, exist_ok=True)
     models = {"teacher": teacher, **students}
     seed_caches(out_dir, reuse, models, config)
     answers, metrics = {}, {}
