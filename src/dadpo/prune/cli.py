@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dadpo.errors import DadpoError
+from dadpo.io import check_out_path
 
 
 def register(subparsers) -> None:
@@ -69,6 +70,9 @@ def cmd_prune(args) -> int:
         config = PruneConfig(**{f: getattr(args, f) for f in fields})
     except ValidationError as e:
         raise DadpoError(config_error(e, flags=True)) from None
+    # the pruned model is made beside --out and renamed onto it: both places must take writes, and this is
+    # known now, not after minutes of pruning
+    check_out_path(args.out, "--out", folder=True, replaced=True)
     r = prune_to_dir(args.model, args.out, config, overwrite=args.overwrite, dtype=args.dtype,
                      trust_remote_code=args.trust_remote_code)
     ppl = [r[k].get("perplexity") for k in ("before", "after")]

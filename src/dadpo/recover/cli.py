@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dadpo.io import check_out_path
 from dadpo.recover.config import DSFTConfig, KDConfig, LoraConfig, RecoverConfig, SamplingConfig
 
 _D, _KD, _LORA, _S, _SFT = RecoverConfig(), KDConfig(), LoraConfig(), SamplingConfig(), DSFTConfig()
@@ -105,6 +106,7 @@ def cmd_recover(args) -> int:
     from dadpo.recover.pipeline import run_recover
 
     cfg = config_from_args(args)
+    check_out_path(args.out, "--out", folder=True)
     metrics = run_recover(args.student, args.teacher, args.prompts, args.out, cfg, overwrite=args.overwrite)
     print(f"recovered model in {args.out}/model; metrics: {metrics}")
     return 0
