@@ -292,8 +292,8 @@ def test_recipe_lora_without_modules_is_refused():
     (["recover", "--student", "s", "--teacher", "t", "--prompts", "p", "--out", "o", "--beta2", "-0.2"],
      "dadpo recover: error: --beta2: must be > 0, got -0.2"),
     (["evaluate", "--students", "s", "--teacher", "t", "--out", "o", "--sets", "nope"],
-     "dadpo evaluate: error: sets: unknown nope; choose from dolly, vicuna_bench, mt_bench, self_instruct, "
-     "alpaca_eval"),
+     "dadpo evaluate: error: sets: unknown nope (evaluation sets are dolly, vicuna_bench, mt_bench, "
+     "self_instruct, alpaca_eval)"),
     (["evaluate", "--students", "s", "--teacher", "t", "--out", "o", "--seq-lens", "1"],
      "dadpo evaluate: error: seq_lens: every window length must be ≥ 2, got [1]"),
     (["evaluate", "--students", "s", "--teacher", "t", "--out", "o", "--judge", "openai:m", "--judge-base-url",
@@ -306,8 +306,8 @@ def test_cli_messages_say_things_once(capsys, args, expected):
 @pytest.mark.parametrize(("edit", "expected"), [
     ({"recover": {"beta1": -0.2}}, "r: recover.beta1: must be > 0, got -0.2"),
     ({"prune": {"ratio": -0.2}}, "r: prune.ratio: must be in (0, 0.9], got -0.2"),
-    ({"evaluate": {"sets": ["nope"]}}, "r: evaluate.sets: unknown nope; choose from dolly, vicuna_bench, mt_bench, "
-                                       "self_instruct, alpaca_eval"),
+    ({"evaluate": {"sets": ["nope"]}}, "r: evaluate.sets: unknown nope (evaluation sets are dolly, vicuna_bench, "
+                                       "mt_bench, self_instruct, alpaca_eval)"),
     ({"recover": {"beta1": "big"}}, "r: recover.beta1: Input should be a valid number, unable to parse string as a "
                                     "number (got 'big')"),
 ])
