@@ -7,16 +7,20 @@ import importlib
 import logging
 import os
 import sys
-from pathlib import Path
 
 from dadpo.errors import DadpoError
+
+
+def one_line(text: str) -> str:
+    """`text` as one line: the line breaks a path or value typed by the user may hold are shown escaped."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports bad usage as one line (exit 2) instead of usage + error."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -92,6 +96,7 @@ def _not_implemented(args) -> int:
 def cmd_generate(args) -> int:
     from dadpo.data import PromptRecord, load_prompts
     from dadpo.generation import GenerationConfig, generate_to_file
+    from dadpo.io import check_out_path
     from dadpo.models import load_model, resolve_model
 
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -102,8 +107,7 @@ def cmd_generate(args) -> int:
         if args.limit is not None and args.limit < 1:
             raise DadpoError(f"--limit: must be ≥ 1, got {args.limit}")
         records = load_prompts(args.prompts, fmt=args.format)[: args.limit]
-        if Path(args.out).is_dir():
-            raise DadpoError(f"--out {args.out} is a directory; give a .jsonl file")
+        check_out_path(args.out, "--out", folder=False, replaced=True)  # OUT.part and OUT's temp go beside it
     else:
         records = [PromptRecord(str(i), [{"role": "user", "content": p}]) for i, p in enumerate(args.prompt)]
     resolve_model(args.model)  # fail on a bad spec before any heavy work
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except DadpoError as e:
-        print(f"dadpo {args.command}: error: {e}", file=sys.stderr)
+        print(f"dadpo {args.command}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dadpo {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
