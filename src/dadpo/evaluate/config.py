@@ -107,7 +107,7 @@ class EvalConfig(BaseModel):
     def _sets(cls, v: list[str]) -> list[str]:
         bad = [s for s in v if s not in EVAL_SETS]
         if bad:
-            raise ValueError(f"unknown {', '.join(bad)}; choose from {', '.join(EVAL_SETS)}")
+            raise ValueError(f"unknown {', '.join(bad)} (evaluation sets are {', '.join(EVAL_SETS)})")
         return list(dict.fromkeys(v))
 
     @field_validator("tasks")
@@ -115,7 +115,7 @@ class EvalConfig(BaseModel):
     def _tasks(cls, v: list[str]) -> list[str]:
         bad = [t for t in v if t not in TASKS]
         if bad:
-            raise ValueError(f"unknown {', '.join(bad)}; choose from {', '.join(TASKS)}")
+            raise ValueError(f"unknown {', '.join(bad)} (zero-shot tasks are {', '.join(TASKS)})")
         return list(dict.fromkeys(v))
 
     @field_validator("seq_lens")
