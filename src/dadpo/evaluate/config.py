@@ -55,8 +55,8 @@ class JudgeConfig(BaseModel):
     def _key_env(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None or KEY_ENV_NAME.fullmatch(v) or v == (info.context or {}).get(TYPED_KEY_ENV):
             return v
-        raise ValueError("a recipe or config may only name a variable like *_API_KEY or *_TOKEN as the judge's "
-                         "key (it is sent to judge.base_url); name any other with --judge-api-key-env")
+        raise ValueError(f"got {v!r}; a recipe or config may only name a variable like *_API_KEY or *_TOKEN as "
+                         "the judge's key (it is sent to judge.base_url); name any other with --judge-api-key-env")
 
     @field_validator("model")
     @classmethod
