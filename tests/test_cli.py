@@ -58,5 +58,5 @@ def test_generate_vicuna_prompts_to_jsonl(tmp_path, data_dir):
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["id"] for row in rows] == ["1", "2", "3"]
-    assert all(row["response"] and row["model"] == "smollm2-135m-instruct" for row in rows)
+    assert all(row["response"] and row["model"].startswith("smollm2-135m-instruct@sha256:") for row in rows)
     assert "wrote 3 answers" in r.stdout

@@ -63,19 +63,19 @@ def test_resume_after_interruption_and_settings_guard(smollm, tmp_path):
     part.write_text("".join(lines[:2]) + lines[2][:15])
     out.unlink()
     calls = []
-    orig = answer_records
+    import dadpo.generation as gen
+
+    orig = gen.iter_answers
 
     def counting(model, tok, batch, cfg):
         calls.append([r.id for r in batch])
         return orig(model, tok, batch, cfg)
 
-    import dadpo.generation as gen
-
-    gen.answer_records, saved = counting, gen.answer_records
+    gen.iter_answers = counting
     try:
         resumed = generate_to_file(model, tok, recs, cfg, out, model_name="m", progress=False)
     finally:
-        gen.answer_records = saved
+        gen.iter_answers = orig
     done_before = {json.loads(line)["id"] for line in lines[:2]}
     assert sorted(i for c in calls for i in c) == sorted({str(i) for i in range(5)} - done_before)
     assert [r["response"] for r in resumed] == [r["response"] for r in full]
@@ -87,7 +87,22 @@ def test_resume_after_interruption_and_settings_guard(smollm, tmp_path):
     assert len(again) == 2 and len(out.read_text().splitlines()) == 2
 
 
-@pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"batch_size": 0}])
+@pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"temperature": -1}, {"temperature": float("inf")},
+                                 {"top_p": 0}, {"batch_size": 0}, {"precision": "fp8"}])
 def test_bad_generation_settings(bad):
     with pytest.raises(DadpoError, match=next(iter(bad)).replace("_", "-")):
         GenerationConfig(**bad)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_generate_never_resumes_from_or_replaces_a_file_it_did_not_write(tmp_path, data_dir, capsys, overwrite):
+    from dadpo.cli import main
+
+    out = tmp_path / "mine.jsonl"
+    out.write_text('{"id": "1", "prompt": "my own data"}\n')
+    args = ["generate", "--prompts", str(data_dir / "vicuna_bench"), "--limit", "1", "--out", str(out),
+            "--model", str(tmp_path / "no-such-model")]  # it must stop before any model is looked at
+    assert main(args + (["--overwrite"] if overwrite else [])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an answer file written by dadpo" in err[0]
+    assert out.read_text() == '{"id": "1", "prompt": "my own data"}\n' and sorted(tmp_path.iterdir()) == [out]

@@ -28,8 +28,11 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer (default 256)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), >0 samples")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    g.add_argument("--batch-size", type=int, default=16, help="prompts per left-padded batch (default 16)")
+    g.add_argument("--batch-size", type=int, default=16, help="prompts decoded at once (default 16)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--precision", default="auto", choices=["auto", "model", "bfloat16"],
+                   help="arithmetic: auto = bf16 matmuls when sampling a float32 Llama-family model on a CPU with "
+                   "AMX, else the model's dtype (greedy answers then equal model.generate's) (default auto)")
 
 
 def add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -95,12 +98,12 @@ def _not_implemented(args) -> int:
 
 def cmd_generate(args) -> int:
     from dadpo.data import PromptRecord, load_prompts
-    from dadpo.generation import GenerationConfig, generate_to_file
+    from dadpo.generation import GenerationConfig, check_answers_out, generate_to_file
     from dadpo.io import check_out_path
-    from dadpo.models import load_model, resolve_model
+    from dadpo.models import load_model, model_stamp, resolve_model
 
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                           batch_size=args.batch_size, seed=args.seed)
+                           batch_size=args.batch_size, seed=args.seed, precision=args.precision)
     if args.prompts:
         if not args.out:
             raise DadpoError("--out is required with --prompts")
@@ -108,6 +111,7 @@ def cmd_generate(args) -> int:
             raise DadpoError(f"--limit: must be ≥ 1, got {args.limit}")
         records = load_prompts(args.prompts, fmt=args.format)[: args.limit]
         check_out_path(args.out, "--out", folder=False, replaced=True)  # OUT.part and OUT's temp go beside it
+        check_answers_out(args.out)
     else:
         records = [PromptRecord(str(i), [{"role": "user", "content": p}]) for i, p in enumerate(args.prompt)]
     resolve_model(args.model)  # fail on a bad spec before any heavy work
@@ -115,13 +119,11 @@ def cmd_generate(args) -> int:
     if args.prompt:
         from dadpo.generation import answer_records
 
-        rows = []
-        for start in range(0, len(records), cfg.batch_size):
-            rows += answer_records(model, tok, records[start:start + cfg.batch_size], cfg)
-        for row in rows:
+        for row in answer_records(model, tok, records, cfg):
             print(row["response"] + "\n")
         return 0
-    rows = generate_to_file(model, tok, records, cfg, args.out, model_name=args.model, overwrite=args.overwrite)
+    rows = generate_to_file(model, tok, records, cfg, args.out, model_name=model_stamp(args.model),
+                            overwrite=args.overwrite)
     n_tok = sum(r["new_tokens"] for r in rows)
     print(f"wrote {len(rows)} answers ({n_tok} new tokens) to {args.out}")
     return 0

@@ -1,24 +1,29 @@
-"""Batched chat generation with crash-safe, resumable JSONL output.
+"""Chat generation for prompt sets, with crash-safe, resumable JSONL output.
 
-Rows go to `OUT.part` one batch per single append+fsync; when every prompt is answered, `OUT` is written
-atomically in prompt order and the part file removed. A rerun of the same command reads both, skips
-answered ids and carries on.
+Llama-family models decode on the continuous-batching engine (`dadpo.engine`); other models on
+`model.generate`. Each finished prompt's row goes to `OUT.part` in one append+fsync; when every prompt is
+answered, `OUT` is written atomically in prompt order and the part file removed. A rerun of the same
+command reads both, skips answered ids and carries on; since a sampled answer depends only on the seed,
+the prompt id and the settings, a resumed run gives the answers an uninterrupted one would have.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import math
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from dadpo.data import PromptRecord, chat_prompt
+from dadpo.engine import PRECISIONS, Engine, Request, request_seed, resolve_precision, unsupported
 from dadpo.errors import DadpoError
 from dadpo.io import append_jsonl, atomic_write_text, read_jsonl, truncate_torn_tail
 from dadpo.models import chat_end_token_ids
@@ -28,29 +33,31 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Decoding settings; temperature 0 means greedy."""
+    """Decoding settings; temperature 0 means greedy. `batch_size` is the number of prompts decoded at once;
+    `precision` the arithmetic (see `dadpo.engine.resolve_precision`: `auto`, `model` or `bfloat16`)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
     batch_size: int = 16
     seed: int = 0
+    precision: str = "auto"
 
     def __post_init__(self):
-        checks = {"max_new_tokens": self.max_new_tokens >= 1, "temperature": self.temperature >= 0,
-                  "top_p": 0 < self.top_p <= 1, "batch_size": self.batch_size >= 1}
+        checks = {"max_new_tokens": self.max_new_tokens >= 1,
+                  "temperature": self.temperature >= 0 and math.isfinite(self.temperature),
+                  "top_p": 0 < self.top_p <= 1, "batch_size": self.batch_size >= 1,
+                  "precision": self.precision in PRECISIONS}
         for name, ok in checks.items():
             if not ok:
                 raise DadpoError(f"--{name.replace('_', '-')}: invalid value {getattr(self, name)}")
 
 
-def _batch_seed(seed: int, first_id: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{first_id}".encode()).digest()[:4], "little")
-
-
 @torch.inference_mode()
 def generate_batch(model, tok, conversations: list[list[dict]], cfg: GenerationConfig) -> list[tuple[str, int, bool]]:
-    """Answer the next assistant turn of each conversation: (text, new tokens, stopped at end token)."""
+    """Answer the next assistant turn of each conversation with `model.generate` on one left-padded batch:
+    (text, new tokens, stopped at end token). The reference implementation, and the path for models the
+    engine does not run; sampling uses the global torch generator."""
     prompts = [chat_prompt(tok, c) for c in conversations]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     end_ids = chat_end_token_ids(tok)
@@ -70,61 +77,144 @@ def generate_batch(model, tok, conversations: list[list[dict]], cfg: GenerationC
     for row in new.tolist():
         stop = next((k for k, t in enumerate(row) if t in end_ids), None)
         toks = row if stop is None else row[:stop]
-        results.append((tok.decode(toks, skip_special_tokens=True).strip(), len(toks), stop is not None))
+        results.append((_text(tok, toks), len(toks), stop is not None))
     return results
 
 
+def _text(tok, tokens: list[int]) -> str:
+    return tok.decode(tokens, skip_special_tokens=True).strip()
+
+
+class _Dialog:
+    """One record's conversation while it is being answered: given turns are moved across until the next
+    user turn that has no reply yet, which is then the turn to answer (MT-bench's turn 2 follows the
+    model's own turn-1 answer)."""
+
+    def __init__(self, record: PromptRecord):
+        self.record = record
+        self.messages: list[dict] = []
+        self.pending = list(record.messages)
+        self.answers: list[str] = []
+        self.tokens = 0
+        self.finished = True
+
+    def next_turn(self) -> list[dict] | None:
+        """The conversation to answer next, or None when every user turn has its reply."""
+        while self.pending:
+            self.messages.append(self.pending.pop(0))
+            if self.messages[-1]["role"] == "user" and not (self.pending and self.pending[0]["role"] == "assistant"):
+                return self.messages
+        return None
+
+    def add(self, text: str, tokens: int, stopped: bool) -> None:
+        self.messages.append({"role": "assistant", "content": text})
+        self.answers.append(text)
+        self.tokens += tokens
+        self.finished = self.finished and stopped
+
+    def seed(self, seed: int) -> int:
+        """The sampling seed of the turn being answered: the run's seed, the prompt id and the turn."""
+        return request_seed(seed, self.record.id, len(self.answers))
+
+    def row(self) -> dict:
+        r = self.record
+        return {"id": r.id, "category": r.category, "messages": self.messages,
+                "response": self.answers[-1] if self.answers else "", "responses": self.answers,
+                "reference": r.reference, "new_tokens": self.tokens,
+                "finish_reason": "stop" if self.finished else "length"}
+
+
+def iter_answers(model, tok, records: list[PromptRecord], cfg: GenerationConfig) -> Iterator[dict]:
+    """Answer every open user turn of each record; yield each record's row as soon as it is complete (in
+    no fixed order). Llama-family models run on the continuous-batching engine with `cfg.batch_size`
+    slots; others on `model.generate`. A sampled answer depends only on (seed, prompt id, turn, settings)."""
+    cfg = resolved(cfg, model)
+    reason = unsupported(model)
+    if reason:
+        log.debug("model.generate path: %s", reason)
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16"):
+            yield from _hf_answers(model, tok, records, cfg)
+    else:
+        yield from _engine_answers(model, tok, records, cfg)
+
+
+def resolved(cfg: GenerationConfig, model) -> GenerationConfig:
+    """`cfg` with `precision: auto` replaced by what it means for `model` on this machine (what answer files
+    are stamped with, so answers made in another arithmetic are never mixed in)."""
+    return replace(cfg, precision=resolve_precision(cfg.precision, model, cfg.temperature))
+
+
 def answer_records(model, tok, records: list[PromptRecord], cfg: GenerationConfig) -> list[dict]:
-    """Answer every open user turn of each record, in order (turn 2 sees the model's own turn-1 answer)."""
-    torch.manual_seed(_batch_seed(cfg.seed, records[0].id))
-    convs = [[] for _ in records]
-    answers: list[list[str]] = [[] for _ in records]
-    n_tokens = [0] * len(records)
-    finished = [True] * len(records)
-    pending = [list(r.messages) for r in records]
-    while any(pending):
-        active = []
-        for i, msgs in enumerate(pending):
-            # move given turns across until the next user turn that has no reply yet
-            while msgs:
-                convs[i].append(msgs.pop(0))
-                if convs[i][-1]["role"] == "user" and not (msgs and msgs[0]["role"] == "assistant"):
-                    active.append(i)
-                    break
-        if not active:
-            break
-        for i, (text, n, stopped) in zip(active, generate_batch(model, tok, [convs[i] for i in active], cfg),
-                                         strict=True):
-            convs[i].append({"role": "assistant", "content": text})
-            answers[i].append(text)
-            n_tokens[i] += n
-            finished[i] = finished[i] and stopped
-    return [
-        {"id": r.id, "category": r.category, "messages": c, "response": a[-1] if a else "", "responses": a,
-         "reference": r.reference, "new_tokens": n, "finish_reason": "stop" if f else "length"}
-        for r, c, a, n, f in zip(records, convs, answers, n_tokens, finished, strict=True)
-    ]
+    """`iter_answers` as a list in the order of `records`."""
+    rows = {row["id"]: row for row in iter_answers(model, tok, records, cfg)}
+    return [rows[r.id] for r in records]
+
+
+def _engine_answers(model, tok, records: list[PromptRecord], cfg: GenerationConfig) -> Iterator[dict]:
+    engine = Engine(model, chat_end_token_ids(tok), slots=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                    temperature=cfg.temperature, top_p=cfg.top_p, bf16=cfg.precision == "bfloat16")
+    dialogs = [_Dialog(r) for r in records]
+
+    def request(k: int, conversation: list[dict]) -> Request:
+        ids = tok(chat_prompt(tok, conversation), add_special_tokens=False)["input_ids"]
+        return Request(k, ids, dialogs[k].seed(cfg.seed))
+
+    queue: deque[Request] = deque()
+    for k, d in enumerate(dialogs):
+        conversation = d.next_turn()
+        if conversation is None:
+            yield d.row()
+        else:
+            queue.append(request(k, conversation))
+    for done in engine.stream(queue):
+        d = dialogs[done.key]
+        d.add(_text(tok, done.tokens), len(done.tokens), done.stopped)
+        conversation = d.next_turn()
+        if conversation is None:
+            yield d.row()
+        else:
+            queue.appendleft(request(done.key, conversation))  # finish started dialogs first
+
+
+def _hf_answers(model, tok, records: list[PromptRecord], cfg: GenerationConfig) -> Iterator[dict]:
+    """`model.generate` per batch of records and turn; sampled turns one at a time, each seeded by its own
+    request seed so that the batch does not change the sample."""
+    for start in range(0, len(records), cfg.batch_size):
+        dialogs = [_Dialog(r) for r in records[start:start + cfg.batch_size]]
+        turns = [(d, c) for d in dialogs if (c := d.next_turn()) is not None]
+        while turns:
+            if cfg.temperature > 0:
+                answers = []
+                for d, c in turns:
+                    torch.manual_seed(d.seed(cfg.seed))
+                    answers += generate_batch(model, tok, [c], cfg)
+            else:
+                answers = generate_batch(model, tok, [c for _, c in turns], cfg)
+            for (d, _), answer in zip(turns, answers, strict=True):
+                d.add(*answer)
+            turns = [(d, c) for d, _ in turns if (c := d.next_turn()) is not None]
+        yield from (d.row() for d in dialogs)
 
 
 def generate_to_file(model, tok, records: list[PromptRecord], cfg: GenerationConfig, out: str | os.PathLike,
                      *, model_name: str, overwrite: bool = False, replace_stale: bool = False,
                      progress: bool = True) -> list[dict]:
     """Answer `records` into JSONL `out`, resuming from what an earlier run of the same settings wrote.
-    A file of other settings is an error, or with `replace_stale` (answers kept only as a cache) redone."""
+    A file of other settings is an error, or with `replace_stale` (answers kept only as a cache) redone.
+    `overwrite` and `replace_stale` delete only answer files dadpo wrote (every row carries its stamp)."""
     out = Path(out)
     part = out.with_name(out.name + ".part")
+    cfg = resolved(cfg, model)
     stamp = {"model": model_name, "generation": asdict(cfg)}
     if overwrite:
-        out.unlink(missing_ok=True)
-        part.unlink(missing_ok=True)
+        _discard_answers(out, part)
     try:
         done = _existing_rows(out, part, stamp)
     except DadpoError:  # written with other settings
         if not replace_stale:
             raise
         log.warning("%s was written with other settings: answering again", out)
-        out.unlink(missing_ok=True)
-        part.unlink(missing_ok=True)
+        _discard_answers(out, part)
         done = {}
     todo = [r for r in records if r.id not in done]
     if todo:
@@ -134,16 +224,15 @@ def generate_to_file(model, tok, records: list[PromptRecord], cfg: GenerationCon
             else:
                 part.parent.mkdir(parents=True, exist_ok=True)
                 part.touch()
-        # longest prompts first: similar lengths share a batch (less padding), and OOM shows up early
+        # longest prompts first: rows of similar length decode together, and OOM shows up early
         todo.sort(key=lambda r: -sum(len(m["content"]) for m in r.messages))
         bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"generate {out.name}",
                    unit="prompt", disable=not progress)
-        for start in range(0, len(todo), cfg.batch_size):
-            rows = answer_records(model, tok, todo[start:start + cfg.batch_size], cfg)
-            rows = [{**row, **stamp} for row in rows]
-            append_jsonl(part, rows)
-            done.update((row["id"], row) for row in rows)
-            bar.update(len(rows))
+        for row in iter_answers(model, tok, todo, cfg):
+            row = {**row, **stamp}
+            append_jsonl(part, [row])  # one fsync'd line per finished prompt: a kill loses nothing done
+            done[row["id"]] = row
+            bar.update(1)
         bar.close()
     rows = [done[r.id] for r in records]
     if part.exists():  # finished: the final file holds the rows in prompt order
@@ -152,7 +241,36 @@ def generate_to_file(model, tok, records: list[PromptRecord], cfg: GenerationCon
     return rows
 
 
+STAMP_KEYS = ("id", "model", "generation")
+
+
+def check_answers_out(out: str | os.PathLike) -> None:
+    """Refuse an `out` (or its part file) that holds something other than answers dadpo wrote: it is never
+    resumed from, overwritten or deleted. Cheap, so commands call it before loading a model."""
+    out = Path(out)
+    for path in (out, out.with_name(out.name + ".part")):
+        if path.exists() and not _is_answer_file(path):
+            raise DadpoError(f"--out {out}: {path} exists and is not an answer file written by dadpo; "
+                             "dadpo neither resumes from nor replaces it")
+
+
+def _discard_answers(out: Path, part: Path) -> None:
+    """Delete `out` and its part file, once proven to be answer files dadpo wrote."""
+    check_answers_out(out)
+    out.unlink(missing_ok=True)
+    part.unlink(missing_ok=True)
+
+
+def _is_answer_file(path: Path) -> bool:
+    try:
+        rows = read_jsonl(path, drop_torn_tail=True)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return all(isinstance(r, dict) and all(k in r for k in STAMP_KEYS) for r in rows)
+
+
 def _existing_rows(out: Path, part: Path, stamp: dict) -> dict[str, dict]:
+    check_answers_out(out)
     rows: dict[str, dict] = {}
     for path in (out, part):
         if not path.exists():

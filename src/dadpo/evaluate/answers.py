@@ -40,7 +40,7 @@ def answer_config(config: EvalConfig) -> GenerationConfig:
     """The generation settings of evaluation answers (part of every cached answer row's stamp)."""
     g = config.generation
     return GenerationConfig(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                            batch_size=g.batch_size, seed=g.seed)
+                            batch_size=g.batch_size, seed=g.seed, precision=g.precision)
 
 
 def generate_answers(

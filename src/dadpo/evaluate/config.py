@@ -76,6 +76,8 @@ class GenerationSettings(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(8, ge=1)
     seed: int = 0
+    precision: Literal["auto", "model", "bfloat16"] = Field(
+        "auto", description="auto: bf16 matmuls on CPUs with AMX when sampling, else the model's dtype")
 
 
 class EvalConfig(BaseModel):

@@ -144,6 +144,12 @@ def seed_caches(out_dir: Path, reuse: Sequence[str | os.PathLike], models: dict[
     Only finished files are taken; answers must carry the same model stamp (spec and weights) and generation
     settings, and metrics are still checked against their cache key when used."""
     generation = asdict(answer_config(config))
+    auto = generation["precision"] == "auto"  # resolved per model when answering; compared there again
+
+    def same_settings(row: dict) -> bool:
+        theirs = row.get("generation") or {}
+        return theirs == generation or (auto and {**theirs, "precision": "auto"} == generation)
+
     stamps = {spec: model_stamp(spec) for spec in set(models.values())}
     verdicts = VerdictCache(out_dir / "verdicts.jsonl")
     for other in map(Path, reuse):
@@ -154,8 +160,7 @@ def seed_caches(out_dir: Path, reuse: Sequence[str | os.PathLike], models: dict[
             for src in other.glob(f"answers/*-{digest}/*.jsonl"):
                 dst = out_dir / "answers" / slug / src.name
                 rows = read_jsonl(src)
-                if not dst.exists() and all(r.get("model") == stamps[spec] and r.get("generation") == generation
-                                            for r in rows):
+                if not dst.exists() and all(r.get("model") == stamps[spec] and same_settings(r) for r in rows):
                     atomic_write_text(dst, src.read_text())
             for src in other.glob(f"metrics/*-{digest}.json"):
                 dst = out_dir / "metrics" / f"{slug}.json"

@@ -51,7 +51,9 @@ class SamplingConfig(_Section):
     max_new_tokens: int = Field(192, ge=1)
     temperature: float = Field(0.7, ge=0, description="0 = greedy")
     top_p: float = Field(0.95, gt=0, le=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="prompts decoded at once")
+    precision: Literal["auto", "model", "bfloat16"] = Field(
+        "auto", description="auto: bf16 matmuls on CPUs with AMX when sampling, else the model's dtype")
     student_from: Literal["dsft", "student"] = Field(
         "dsft", description="sample rejected responses from the dSFT model (paper) or the raw student")
 

@@ -205,7 +205,7 @@ def _generate(spec: str, records: list[PromptRecord], cfg: RecoverConfig, path: 
             return {r["id"]: r["response"] for r in rows}
     s = cfg.sampling
     gen = GenerationConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                           batch_size=s.batch_size, seed=cfg.seed)
+                           batch_size=s.batch_size, seed=cfg.seed, precision=s.precision)
     model, tok = _load(spec)
     rows = generate_to_file(model, tok, records, gen, path, model_name=name or model_stamp(spec))
     return {r["id"]: r["response"] for r in rows}

@@ -1,0 +1,403 @@
+"""Continuous-batching decoder for Llama-family chat models (Llama, Qwen2, Mistral and their dadpo prunes).
+
+`model.generate` decodes a left-padded batch until its longest row ends: every row attends over the padding
+of the longest prompt at every step, finished rows keep decoding, and top-p sorts the whole vocabulary.
+This engine keeps a fixed number of *slots*, each holding one request's KV cache from position 0 (no
+padding). A finished request leaves its slot at once and the next queued prompt is prefilled into it, so
+the batch stays full until the queue runs dry, and the nucleus is looked for among the top candidates.
+
+The decoder layer is written out here with the model's own weights, norms and rotary embedding, in the
+order transformers computes it, so float32 greedy decoding gives `model.generate`'s tokens and a dadpo
+prune with per-layer widths or a LoRA-merged student runs as is. With `bf16`, the layers' matmuls and
+attention run in bfloat16 on oneDNN-prepacked weights (CPUs with AMX do them several times faster) while
+the residual stream, the norms and the logits that decide a token stay float32.
+
+A sampled answer depends only on its request's seed and the decoding settings, never on the batch or slot
+it landed in: each request draws from its own random stream, and a row's arithmetic does not depend on the
+other rows (see `Engine._decode`). `unsupported(model)` says why a model must go through `model.generate`
+instead (the reference implementation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+#: model types (after a dadpo prune's `dadpo_pruned_` prefix) whose decoder layers this engine drives
+FAMILIES = ("llama", "qwen2", "mistral")
+#: cache capacity grows in blocks of this many positions
+BLOCK = 256
+#: a decode step's row attends over its length rounded up to a multiple of this (a divisor of BLOCK)
+SPAN = 64
+#: candidates searched for the top-p nucleus before a row falls back to a full sort
+NUCLEUS_CANDIDATES = 64
+
+
+def request_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed for one request from the run's seed and what identifies the request (prompt id, turn)."""
+    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@dataclass
+class Request:
+    """One prompt to continue: `key` is the caller's handle, `seed` its own sampling stream."""
+
+    key: object
+    input_ids: list[int]
+    seed: int = 0
+
+
+@dataclass
+class Result:
+    key: object
+    tokens: list[int]  # new tokens, without the end-of-turn token
+    stopped: bool  # ended at an end-of-turn token (else at max_new_tokens)
+
+
+@dataclass
+class _Row:
+    request: Request
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)
+    length: int = 0  # positions in this row's cache
+
+
+def unsupported(model) -> str | None:
+    """Why `model` cannot use the engine (None when it can)."""
+    config = getattr(model, "config", None)
+    family = str(getattr(config, "model_type", "")).removeprefix("dadpo_pruned_")
+    if family not in FAMILIES:
+        return f"model type {getattr(config, 'model_type', type(model).__name__)!r} is not one of {FAMILIES}"
+    inner = getattr(model, "model", None)
+    if not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")) or not hasattr(
+            model, "lm_head"):
+        return f"{type(model).__name__} does not have the Llama module layout (e.g. an unmerged adapter)"
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"activation {getattr(config, 'hidden_act', None)!r} (the engine's MLP is SiLU-gated)"
+    if config._attn_implementation != "sdpa":
+        return f"attention implementation {config._attn_implementation!r} (the engine passes sdpa masks)"
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []) or (
+            family == "mistral" and getattr(config, "sliding_window", None)):
+        return "sliding-window attention"
+    return None
+
+
+PRECISIONS = ("auto", "model", "bfloat16")
+
+
+def resolve_precision(precision: str, model, temperature: float) -> str:
+    """`auto` → `bfloat16` for sampled answers of a float32 model that the engine runs on a CPU with bf16
+    matrix units (AMX), where bf16 matmuls are several times faster; `model` (the model's own dtype)
+    otherwise, so greedy answers equal `model.generate`'s."""
+    if precision != "auto":
+        return precision
+    fast_bf16 = (temperature > 0 and unsupported(model) is None and model.dtype == torch.float32
+                 and model.device.type == "cpu" and torch.backends.mkldnn.is_available()
+                 and torch.cpu._is_amx_tile_supported())
+    return "bfloat16" if fast_bf16 else "model"
+
+
+class _SlotCache:
+    """Per-layer K/V of every slot, `[slots, kv_heads, capacity, head_dim]`, each row from position 0."""
+
+    def __init__(self, slots: int, n_layers: int):
+        self.slots = slots
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.capacity = 0
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` positions per slot (kept rows are copied into the larger buffers)."""
+        if capacity <= self.capacity:
+            return
+        capacity = math.ceil(capacity / BLOCK) * BLOCK
+        for store in (self.k, self.v):
+            for i, old in enumerate(store):
+                if old is not None:
+                    new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
+                    new[:, :, : self.capacity] = old
+                    store[i] = new
+        self.capacity = capacity
+
+    def write_prompt(self, layer: int, slot: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store a prompt's keys/values `[1, kv_heads, n, head_dim]` at the start of `slot`."""
+        if self.k[layer] is None:  # first use: this layer's own head count (prunes differ per layer)
+            shape = (self.slots, key.shape[1], self.capacity, key.shape[3])
+            self.k[layer], self.v[layer] = key.new_zeros(shape), value.new_zeros(shape)
+        n = key.shape[2]
+        self.k[layer][slot, :, :n] = key[0]
+        self.v[layer][slot, :, :n] = value[0]
+
+    def write_step(self, layer: int, positions: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store one new token per active slot `[n, kv_heads, 1, head_dim]` at `positions`."""
+        rows = torch.arange(key.shape[0], device=key.device)
+        self.k[layer][rows, :, positions] = key[:, :, 0]
+        self.v[layer][rows, :, positions] = value[:, :, 0]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot `src`'s first `length` positions into slot `dst` (compacting the active rows)."""
+        for store in (self.k, self.v):
+            for t in store:
+                if t is not None:
+                    t[dst, :, :length] = t[src, :, :length]
+
+
+class _Linear:
+    """Projections that read one input: with the model's own weights, one product each; in bf16, one product
+    for all of them on a concatenated bfloat16 copy that oneDNN prepacks once for the CPU's matrix units
+    (repacking a plain weight on every call costs about as much as the product itself)."""
+
+    def __init__(self, modules: list[torch.nn.Linear], dtype: torch.dtype | None):
+        self.sizes = [m.out_features for m in modules]
+        self.parts = [(m.weight, m.bias) for m in modules]
+        self.packed = None
+        if dtype is not None:
+            weight = torch.cat([m.weight.detach() for m in modules]).to(dtype)
+            biases = [m.bias for m in modules]
+            bias = None if all(b is None for b in biases) else torch.cat(
+                [b.detach() if b is not None else weight.new_zeros(n) for b, n in zip(biases, self.sizes,
+                                                                                      strict=True)]).to(dtype)
+            self.parts = [(weight, bias)]
+            if weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.packed is not None:
+            out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.parts[0][1],
+                                                     "none", [], "").view(*x.shape[:-1], -1)
+        elif len(self.parts) == 1:
+            out = torch.nn.functional.linear(x, *self.parts[0])
+        else:
+            return tuple(torch.nn.functional.linear(x, *p) for p in self.parts)
+        return out.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (out,)
+
+
+@dataclass
+class _Layer:
+    """One decoder layer's weights as the engine uses them (the model's own tensors, or bf16 copies)."""
+
+    module: torch.nn.Module  # for its norms
+    qkv: _Linear
+    o: _Linear
+    gate_up: _Linear
+    down: _Linear
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+
+    @classmethod
+    def of(cls, layer, dtype: torch.dtype | None) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        d = attn.head_dim
+        return cls(layer, _Linear([attn.q_proj, attn.k_proj, attn.v_proj], dtype), _Linear([attn.o_proj], dtype),
+                   _Linear([mlp.gate_proj, mlp.up_proj], dtype), _Linear([mlp.down_proj], dtype),
+                   attn.q_proj.out_features // d, attn.k_proj.out_features // d, d, attn.scaling)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _sdpa(q, k, v, layer: _Layer, *, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention as transformers' sdpa integration calls it, as `[n, t, heads·head_dim]`:
+    a prompt attends causally with grouped key/value heads; a decode step (one query per row, `mask` of the
+    visible positions) packs each key/value head's query heads as its queries."""
+    n, _, t, d = q.shape
+    groups = layer.heads // layer.kv_heads
+    if mask is None:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, scale=layer.scaling, is_causal=causal and t > 1, **({"enable_gqa": True} if groups > 1 else {}))
+    else:
+        packed = q.reshape(n, layer.kv_heads, groups, d) if groups > 1 else q
+        out = torch.nn.functional.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=layer.scaling)
+        out = out.reshape(n, -1, t, d)
+    return out.transpose(1, 2).reshape(n, t, -1)
+
+
+class Engine:
+    """Decode requests with up to `slots` of them in flight; `stream` yields each as soon as it ends.
+
+    `bf16`: the decoder layers' matmuls and attention in bfloat16 (weights copied once), the residual
+    stream, norms and the output layer in the model's float32 — for CPUs with bf16 matrix units."""
+
+    def __init__(self, model, end_ids: list[int], *, slots: int, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, bf16: bool = False):
+        reason = unsupported(model)
+        if reason:
+            raise ValueError(f"the decode engine cannot run this model: {reason}")
+        self.model, self.slots = model, slots
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.end_ids = set(end_ids)
+        self.device = next(model.parameters()).device
+        self.compute_dtype = torch.bfloat16 if bf16 else None
+        self.layers = [_Layer.of(layer, self.compute_dtype)
+                       for layer in model.model.layers[: model.config.num_hidden_layers]]
+        self.head = _Linear([model.lm_head], self.compute_dtype)
+        self.cache = _SlotCache(slots, len(self.layers))
+
+    @torch.inference_mode()
+    def stream(self, queue: deque[Request]) -> Iterator[Result]:
+        """Yield a `Result` for every request taken from `queue` as it finishes; the caller may append new
+        requests (e.g. a conversation's next turn) to `queue` between results."""
+        rows: list[_Row] = []
+        while queue or rows:
+            if queue and len(rows) < self.slots:
+                self.cache.reserve(max(len(r.input_ids) for r in queue) + self.max_new_tokens)
+            while queue and len(rows) < self.slots:
+                rows.append(self._prefill(queue.popleft(), len(rows)))
+            yield from self._retire(rows, queue)
+            if rows:
+                self._decode(rows)
+                yield from self._retire(rows, queue)
+
+    def _retire(self, rows: list[_Row], queue: deque[Request]) -> Iterator[Result]:
+        """Yield finished rows; refill their slots from the queue, else move the last row into the gap."""
+        k = 0
+        while k < len(rows):
+            row = rows[k]
+            last = row.tokens[-1]
+            if last in self.end_ids or len(row.tokens) >= self.max_new_tokens:
+                stopped = last in self.end_ids
+                yield Result(row.request.key, row.tokens[:-1] if stopped else row.tokens, stopped)
+                if queue and len(queue[0].input_ids) + self.max_new_tokens <= self.cache.capacity:
+                    rows[k] = self._prefill(queue.popleft(), k)
+                    continue  # the new row may itself be finished (one-token answers)
+                tail = rows.pop()
+                if k < len(rows):
+                    self.cache.move(len(rows), k, tail.length)
+                    rows[k] = tail
+                continue
+            k += 1
+
+    def _prefill(self, request: Request, slot: int) -> _Row:
+        ids = torch.tensor([request.input_ids], device=self.device)
+        positions = torch.arange(ids.shape[1], device=self.device)[None]
+
+        def attend(i: int, layer: _Layer, q, k, v):
+            self.cache.write_prompt(i, slot, k, v)
+            return _sdpa(q, k, v, layer, causal=True)
+
+        hidden = self._forward(ids, positions, attend)
+        row = _Row(request, torch.Generator().manual_seed(request.seed), length=ids.shape[1])
+        row.tokens.append(self._sample(hidden[:, -1], [row])[0])
+        return row
+
+    def _decode(self, rows: list[_Row]) -> None:
+        """One new token for every active row. Each row attends over its own span (its length rounded up to
+        `SPAN`), never the batch's longest: attention sums over the padded span in an order that depends on
+        its length, so a shared span would make a row's numbers depend on the others in the batch. Rows of
+        one span are attended together (slots are filled longest prompt first, so they are mostly adjacent)."""
+        n = len(rows)
+        ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
+        positions = torch.tensor([r.length for r in rows], device=self.device)
+        spans = [math.ceil((r.length + 1) / SPAN) * SPAN for r in rows]
+        groups = []
+        for span in sorted(set(spans)):
+            members = [k for k, s in enumerate(spans) if s == span]
+            contiguous = members == list(range(members[0], members[-1] + 1))
+            rows_of = slice(members[0], members[-1] + 1) if contiguous else torch.tensor(members, device=self.device)
+            visible = torch.arange(span, device=self.device)[None] <= positions[rows_of][:, None]
+            groups.append((rows_of, span, visible[:, None, None, :]))
+
+        def attend(i: int, layer: _Layer, q, k, v):
+            self.cache.write_step(i, positions, k, v)
+            keys, values = self.cache.k[i], self.cache.v[i]
+            if len(groups) == 1:
+                _, span, mask = groups[0]
+                return _sdpa(q, keys[:n, :, :span], values[:n, :, :span], layer, mask=mask)
+            out = q.new_empty(n, 1, layer.heads * layer.head_dim)
+            for rows_of, span, mask in groups:
+                k_g, v_g = keys[:, :, :span], values[:, :, :span]
+                if isinstance(rows_of, slice):
+                    k_g, v_g = k_g[rows_of], v_g[rows_of]
+                else:
+                    k_g, v_g = k_g.index_select(0, rows_of), v_g.index_select(0, rows_of)
+                out[rows_of] = _sdpa(q[rows_of], k_g, v_g, layer, mask=mask)
+            return out
+
+        hidden = self._forward(ids, positions[:, None], attend)
+        for row, token in zip(rows, self._sample(hidden[:, -1], rows), strict=True):
+            row.tokens.append(token)
+            row.length += 1
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """Final hidden states for `ids` at `positions`: the Llama decoder layer's maths, step for step as
+        transformers computes it (so float32 greedy decoding gives `model.generate`'s tokens).
+        `attend(layer_index, layer, q, k, v)` stores the new keys/values and returns the attention output."""
+        inner = self.model.model
+        hidden = inner.embed_tokens(ids)
+        cos, sin = (t.unsqueeze(1) for t in inner.rotary_emb(hidden, position_ids=positions))
+        n, t = ids.shape
+        for i, layer in enumerate(self.layers):
+            x = self._cast(layer.module.input_layernorm(hidden))
+            q, k, v = (y.reshape(n, t, -1, layer.head_dim).transpose(1, 2) for y in layer.qkv(x))
+            q = self._cast(q * cos + _rotate_half(q) * sin)
+            k = self._cast(k * cos + _rotate_half(k) * sin)
+            hidden = hidden + layer.o(attend(i, layer, q, k, v))[0]
+            x = self._cast(layer.module.post_attention_layernorm(hidden))
+            gate, up = layer.gate_up(x)
+            hidden = hidden + layer.down(torch.nn.functional.silu(gate) * up)[0]
+        return inner.norm(hidden)
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.compute_dtype is None else x.to(self.compute_dtype)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits. In bf16 mode the output layer runs in bf16 (its logits are rounded to bf16) and the
+        top `NUCLEUS_CANDIDATES` of each row, where argmax and nucleus are decided, are recomputed exactly
+        from the float32 weights. Rows go through in blocks of 32 so that no row's numbers depend on how many
+        others share the step."""
+        if self.compute_dtype is None:
+            return self.model.lm_head(hidden).float()
+        approx = torch.cat([self.head(h.to(self.compute_dtype))[0].float() for h in hidden.split(32)])
+        top = approx.topk(NUCLEUS_CANDIDATES, dim=-1).indices
+        lm = self.model.lm_head
+        exact = torch.einsum("nh,nkh->nk", hidden, lm.weight[top])
+        if lm.bias is not None:
+            exact = exact + lm.bias[top]
+        return approx.scatter_(-1, top, exact)
+
+    def _sample(self, hidden: torch.Tensor, rows: list[_Row]) -> list[int]:
+        logits = self._logits(hidden)
+        if self.temperature == 0:
+            return logits.argmax(-1).tolist()
+        u = torch.cat([torch.rand(1, generator=r.generator) for r in rows]).to(logits.device)
+        return sample_top_p(logits / self.temperature, self.top_p, u).tolist()
+
+
+def sample_top_p(logits: torch.Tensor, top_p: float, u: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row from softmax(`logits`) restricted to its top-p nucleus, by inverse CDF at the
+    uniform `u` (one per row). The nucleus is the most probable tokens whose mass before each is < top_p
+    (as in transformers' top-p warper); it is looked for among the top candidates and only rows whose
+    nucleus reaches past them sort the whole vocabulary."""
+    if top_p >= 1.0:
+        return _inverse_cdf(torch.softmax(logits, -1), u, None)
+    k = min(NUCLEUS_CANDIDATES, logits.shape[-1])
+    values, ids = logits.topk(k, dim=-1)
+    probs = torch.exp(values - torch.logsumexp(logits, -1, keepdim=True))
+    out = _inverse_cdf(_nucleus(probs, top_p), u, ids)
+    wide = (probs.sum(-1) < top_p).nonzero().flatten().tolist()
+    if wide:  # nucleus larger than the candidates: full sort for these rows
+        values, ids = logits[wide].sort(-1, descending=True)
+        probs = torch.softmax(values, -1)
+        out[wide] = _inverse_cdf(_nucleus(probs, top_p), u[wide], ids)
+    return out
+
+
+def _nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    before = sorted_probs.cumsum(-1) - sorted_probs
+    return torch.where(before < top_p, sorted_probs, 0.0)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    cdf = probs.cumsum(-1)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[-1] - 1)
+    return (ids.gather(-1, pick) if ids is not None else pick).squeeze(-1)

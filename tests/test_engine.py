@@ -1,0 +1,182 @@
+"""The continuous-batching engine against `model.generate`: the same greedy tokens on the real SmolLM2 and on
+non-uniform prunes, per-prompt sampling that no batch size changes, the nucleus sampler by hand, and the
+`model.generate` fallback for other architectures."""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+
+import pytest
+import torch
+
+from dadpo.data import PromptRecord, chat_prompt
+from dadpo.engine import NUCLEUS_CANDIDATES, Engine, Request, request_seed, sample_top_p, unsupported
+from dadpo.generation import GenerationConfig, answer_records, generate_batch
+from dadpo.models import chat_end_token_ids
+
+QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Write a haiku about rain.",
+             "Explain photosynthesis in one sentence.", "What is 12 times 12?", "Give me a synonym for happy.",
+             "Who wrote Hamlet?", "List two uses of copper."]
+
+
+def _rec(i, *turns):
+    return PromptRecord(str(i), [{"role": "user", "content": t} for t in turns])
+
+
+def _reference(model, tok, questions, new_tokens):
+    """`model.generate`, one prompt at a time (no padding): the ids the engine must reproduce."""
+    cfg = GenerationConfig(max_new_tokens=new_tokens)
+    end = chat_end_token_ids(tok)
+    out = []
+    for q in questions:
+        enc = tok(chat_prompt(tok, [{"role": "user", "content": q}]), return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            ids = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False, top_k=None, top_p=None,
+                                 temperature=None, eos_token_id=end, pad_token_id=tok.pad_token_id)
+        row = ids[0, enc["input_ids"].shape[1]:].tolist()
+        out.append(row[: next((k for k, t in enumerate(row) if t in end), len(row))])
+    return out
+
+
+def _engine(model, tok, questions, new_tokens, slots, **settings):
+    engine = Engine(model, chat_end_token_ids(tok), slots=slots, max_new_tokens=new_tokens, **settings)
+    ids = [tok(chat_prompt(tok, [{"role": "user", "content": q}]), add_special_tokens=False)["input_ids"]
+           for q in questions]
+    results = {r.key: r.tokens for r in engine.stream(deque(Request(i, x, request_seed(0, i))
+                                                            for i, x in enumerate(ids)))}
+    return [results[i] for i in range(len(questions))]
+
+
+def test_greedy_tokens_equal_model_generate_on_smollm(smollm):
+    """Three slots for eight prompts: slots are refilled as answers end and the tail is compacted."""
+    model, tok = smollm
+    assert unsupported(model) is None
+    assert _engine(model, tok, QUESTIONS, 40, slots=3) == _reference(model, tok, QUESTIONS, 40)
+
+
+@pytest.mark.parametrize("precision", ["model", "bfloat16"])
+def test_sampled_answers_do_not_depend_on_the_batch(smollm, precision):
+    """bf16 rounding turns any difference of summation order into a different sample, so this holds only
+    because every row's numbers are computed the same way whatever else is in the batch."""
+    model, tok = smollm
+    recs = [_rec(i, f"Tell me one fact about the number {i}.") for i in range(32)]
+    cfg = dict(max_new_tokens=24, temperature=1.0, top_p=0.9, seed=3, precision=precision)
+    runs = [[r["response"] for r in answer_records(model, tok, recs, GenerationConfig(**cfg, batch_size=bs))]
+            for bs in (1, 7, 32)]
+    assert runs[0] == runs[1] == runs[2]
+    other = [r["response"] for r in answer_records(model, tok, recs, GenerationConfig(**{**cfg, "seed": 4},
+                                                                                      batch_size=32))]
+    assert sum(a != b for a, b in zip(runs[0], other, strict=True)) >= 24  # another seed, other answers
+    shuffled = answer_records(model, tok, recs[::-1][:5], GenerationConfig(**cfg, batch_size=2))
+    assert [r["response"] for r in shuffled] == runs[0][::-1][:5]  # nor on which prompts come with it
+
+
+def _pruned_tiny(tok_dir: Path, seed: int = 0):
+    """A random 3-layer non-uniform prune (per-layer MLP widths, query and key/value heads), as dadpo saves."""
+    import dadpo.prune  # noqa: F401  (registers the pruned classes)
+    from dadpo.prune.modeling import PRUNED_CLASSES
+
+    config_cls, model_cls = PRUNED_CLASSES["llama"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok.padding_side = "left"
+    torch.manual_seed(seed)
+    config = config_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                        layer_intermediate_sizes=[128, 40, 72], layer_num_attention_heads=[4, 2, 4],
+                        layer_num_key_value_heads=[2, 1, 2], eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id)
+    model = model_cls(config).eval()
+    for p in model.parameters():  # larger weights than init: confident, non-degenerate random text
+        p.data.normal_(0, 0.2)
+    return model, tok
+
+
+def test_non_uniform_prune_greedy_and_a_growing_cache(smollm_dir):
+    model, tok = _pruned_tiny(smollm_dir)
+    assert [lay.mlp.gate_proj.out_features for lay in model.model.layers] == [128, 40, 72]
+    assert unsupported(model) is None
+    assert _engine(model, tok, QUESTIONS, 24, slots=2) == _reference(model, tok, QUESTIONS, 24)
+    # a follow-up request longer than the cache holds: the slots grow, the running row keeps its keys
+    end = chat_end_token_ids(tok)
+    engine = Engine(model, end, slots=2, max_new_tokens=24)
+    short = tok(chat_prompt(tok, [{"role": "user", "content": "Hi"}]), add_special_tokens=False)["input_ids"]
+    long_q = " ".join(QUESTIONS * 8)
+    long_ids = tok(chat_prompt(tok, [{"role": "user", "content": long_q}]), add_special_tokens=False)["input_ids"]
+    queue = deque([Request("a", short), Request("b", short + short)])
+    got = {}
+    for r in engine.stream(queue):
+        got[r.key] = r.tokens
+        if r.key == "a":
+            queue.append(Request("long", long_ids))
+    assert len(long_ids) + 24 > 256 and engine.cache.capacity >= len(long_ids) + 24
+    assert got["long"] == _reference(model, tok, [long_q], 24)[0]
+    assert got["a"] == _reference(model, tok, ["Hi"], 24)[0]
+
+
+def test_precision_auto_is_bf16_only_for_sampling_on_amx(smollm, tmp_path):
+    from dadpo.engine import resolve_precision
+    from dadpo.generation import generate_to_file
+
+    model, _ = smollm
+    amx = torch.cpu._is_amx_tile_supported()
+    assert resolve_precision("auto", model, 0.7) == ("bfloat16" if amx else "model")
+    assert resolve_precision("auto", model, 0.0) == "model" and resolve_precision("model", model, 0.7) == "model"
+    rows = generate_to_file(model, smollm[1], [_rec(0, "Hi")], GenerationConfig(max_new_tokens=2, temperature=0.7),
+                            tmp_path / "a.jsonl", model_name="m", progress=False)
+    assert rows[0]["generation"]["precision"] == resolve_precision("auto", model, 0.7)  # stamped as resolved
+
+
+def test_sample_top_p_draws_exactly_the_nucleus_distribution():
+    """Inverse CDF on a fine grid of u gives each nucleus token a share equal to its renormalised probability
+    and never a token outside the nucleus; also when the nucleus is wider than the candidates searched."""
+    for vocab, scale in ((50, 3.0), (4 * NUCLEUS_CANDIDATES, 0.01)):
+        torch.manual_seed(0)
+        logits = torch.randn(vocab) * scale
+        probs = torch.softmax(logits, -1)
+        order = probs.argsort(descending=True)
+        before = probs[order].cumsum(0) - probs[order]
+        nucleus = order[before < 0.8]
+        if vocab > 50:
+            assert len(nucleus) > NUCLEUS_CANDIDATES  # the full-sort fallback is what is tested here
+        grid = 20000
+        u = (torch.arange(grid) + 0.5) / grid
+        tokens = sample_top_p(logits.expand(grid, vocab).contiguous(), 0.8, u)
+        counts = torch.bincount(tokens, minlength=vocab).double() / grid
+        expected = torch.zeros(vocab, dtype=torch.double)
+        expected[nucleus] = probs[nucleus].double() / probs[nucleus].sum()
+        assert set(tokens.unique().tolist()) <= set(nucleus.tolist())
+        assert torch.allclose(counts, expected, atol=2 / grid + 1e-6)
+    full = sample_top_p(torch.tensor([[0.0, 0.0, 0.0, 0.0]]).expand(4, 4), 1.0, torch.tensor([0.1, 0.3, 0.6, 0.9]))
+    assert full.tolist() == [0, 1, 2, 3]
+
+
+def test_other_architectures_use_model_generate_with_per_prompt_seeds(smollm_dir):
+    """A GPT-2 is not a Llama-family model: `model.generate` answers, batch sizes still do not matter."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(smollm_dir)
+    tok.padding_side = "left"
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2,
+                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    assert "gpt2" in unsupported(model)
+    recs = [_rec(i, q) for i, q in enumerate(QUESTIONS[:5])]
+    greedy = answer_records(model, tok, recs, GenerationConfig(max_new_tokens=8, batch_size=5))
+    assert [r["response"] for r in greedy] == [generate_batch(model, tok, [r.messages], GenerationConfig(
+        max_new_tokens=8))[0][0] for r in recs]
+    cfg = dict(max_new_tokens=8, temperature=1.0, seed=5)
+    a = answer_records(model, tok, recs, GenerationConfig(**cfg, batch_size=1))
+    b = answer_records(model, tok, recs, GenerationConfig(**cfg, batch_size=5))
+    assert [r["response"] for r in a] == [r["response"] for r in b]
+
+
+@pytest.mark.parametrize("turns", [1, 2])
+def test_engine_rows_carry_turns_tokens_and_finish_reason(smollm, turns):
+    model, tok = smollm
+    rec = _rec(0, *["Say hello.", "Now say goodbye."][:turns])
+    row = answer_records(model, tok, [rec], GenerationConfig(max_new_tokens=3, batch_size=4))[0]
+    assert len(row["responses"]) == turns and row["new_tokens"] == 3 * turns
+    assert row["finish_reason"] == "length"
