@@ -87,3 +87,30 @@ def test_summary_headline_flattens_one_level():
                "method": "dadpo", "model": "/x/model", "layer_widths": [1, 2]}
     assert _headline(summary) == {"start.nll": 2.2362, "final.reward_acc": 0.875, "final.nll": 2.1295,
                                   "method": "dadpo"}
+
+
+def test_a_model_folder_rewritten_in_place_changes_every_stage_hash(tmp_path):
+    """The stages name models by path; their weights' fingerprints make a rewritten folder a new input."""
+    from dadpo.pipeline import plan as recipe_plan
+    from dadpo.pipeline import stage_hash
+    from dadpo.recipe import validate_recipe
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text("{}")
+    (teacher / "model.safetensors").write_bytes(b"old weights")
+    recipe = validate_recipe({"name": "r", "output_dir": str(tmp_path / "out"), "teacher": str(teacher),
+                              "student": str(teacher), "recover": {}, "evaluate": {"sets": ["dolly"]}})
+
+    def hashes():
+        done: dict[str, str] = {}
+        for stage in recipe_plan(recipe):
+            done[stage.name] = stage_hash(stage, done)
+        return done
+
+    before = hashes()
+    assert hashes() == before  # stable while nothing changes
+    (teacher / "model.safetensors").unlink()
+    (teacher / "model.safetensors").write_bytes(b"new weights")
+    after = hashes()
+    assert set(after) == {"recover", "evaluate"} and all(after[k] != before[k] for k in after)

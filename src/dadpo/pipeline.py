@@ -159,6 +159,15 @@ def _dump(model) -> dict:
     return model.model_dump(mode="json") if model is not None else {}
 
 
+def weights(recipe: Recipe) -> dict[str, str]:
+    """Content fingerprints of the models a recipe names (the teacher, a given student), part of every stage's
+    hash: a model folder rewritten in place makes its stages run again instead of being taken as done."""
+    from dadpo.models import model_fingerprint
+
+    specs = [recipe.teacher] + ([] if recipe.pruned else [recipe.student])
+    return {spec: model_fingerprint(spec) for spec in specs}
+
+
 def prune_stage(recipe: Recipe, out: Path) -> Stage:
     def run(d: Path, resume: bool) -> dict:
         from dadpo.prune import prune_to_dir
@@ -166,7 +175,7 @@ def prune_stage(recipe: Recipe, out: Path) -> Stage:
         report = prune_to_dir(recipe.teacher, d / "model", recipe.prune, overwrite=True)
         return {"model": str(d / "model"), **{k: report[k] for k in report if isinstance(report[k], int | float)}}
 
-    return Stage("prune", {"teacher": recipe.teacher, **_dump(recipe.prune)}, run)
+    return Stage("prune", {"teacher": recipe.teacher, **_dump(recipe.prune), "weights": weights(recipe)}, run)
 
 
 def student_path(recipe: Recipe, out: Path) -> str:
@@ -187,7 +196,7 @@ def recover_stage(recipe: Recipe, out: Path, name: str = "recover", config=None,
         return {"model": str(d / "model"), **metrics}
 
     return Stage(name, {"teacher": recipe.teacher, "student": recipe.student, "prompts": recipe.prompts,
-                        **_dump(cfg)}, run, ["prune"] if recipe.pruned else [])
+                        **_dump(cfg), "weights": weights(recipe)}, run, ["prune"] if recipe.pruned else [])
 
 
 def evaluate_stage(recipe: Recipe, out: Path, students: dict[str, str], upstream: list[str],
@@ -199,8 +208,8 @@ def evaluate_stage(recipe: Recipe, out: Path, students: dict[str, str], upstream
 
         return run_evaluate(students, recipe.teacher, d, recipe.evaluate, reuse=reuse)
 
-    return Stage(name, {"teacher": recipe.teacher, "students": students, **_dump(recipe.evaluate)},
-                 run, upstream)
+    return Stage(name, {"teacher": recipe.teacher, "students": students, **_dump(recipe.evaluate),
+                        "weights": weights(recipe)}, run, upstream)
 
 
 def plan(recipe: Recipe) -> list[Stage]:
