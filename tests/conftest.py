@@ -44,3 +44,16 @@ def smollm_dir() -> Path:
     from dadpo.models import resolve_model
 
     return Path(resolve_model("smollm2-135m-instruct"))
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the real `dadpo` entry point in this process: (exit code, stdout, stderr). An exception escapes,
+    as a traceback would."""
+    from dadpo.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dadpo.cli import main
+from conftest import run_cli
 from dadpo.data import load_prompts
 from dadpo.errors import DadpoError
 from dadpo.io import append_jsonl, read_jsonl
@@ -25,19 +25,9 @@ from dadpo.recipe import validate_recipe
 ALIAS = "smollm2-135m-instruct"
 
 
-def dadpo(capsys, *args: str) -> tuple[int, str, str]:
-    """`dadpo ARGS` in this process: (exit code, stdout, stderr). An exception escapes, as a traceback would."""
-    try:
-        code = main(list(args))
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def one_line_error(capsys, *args: str) -> str:
     """Run `dadpo ARGS` and return its error line, asserting exit 2 and one line `dadpo CMD: error: ...`."""
-    code, _, err = dadpo(capsys, *args)
+    code, _, err = run_cli(capsys, *args)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith(f"dadpo {args[0]}: error: "), err
@@ -135,7 +125,7 @@ def test_gguf_transformers_cannot_convert(capsys, tmp_path, cache, old, new, nee
 @pytest.mark.slow
 def test_gguf_missing_weights_is_refused_not_randomly_initialised(capsys, tmp_path, cache):
     gguf = _edited_gguf(tmp_path, b"llama.block_count", b"llama.blockXcount")  # 32 layers assumed, 30 given
-    code, _, err = dadpo(capsys, "generate", "--model", str(gguf), "--prompt", "hi")
+    code, _, err = run_cli(capsys, "generate", "--model", str(gguf), "--prompt", "hi")
     # the conversion ran (its progress bars are on stderr too), then refused what it made
     assert code == 2 and "Traceback" not in err and err.splitlines()[-1].startswith("dadpo generate: error: ")
     assert "lacks 18 weights its architecture needs" in err.splitlines()[-1]
@@ -366,7 +356,7 @@ def test_evaluate_without_valid_verdicts_prints_n_a_not_nan(capsys, data_aliases
     server = ThreadingHTTPServer(("127.0.0.1", 0), _NoVerdictJudge)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        code, out, err = dadpo(capsys, "evaluate", "--students", f"s={tiny_models[1]}", "--teacher", tiny_models[0],
+        code, out, err = run_cli(capsys, "evaluate", "--students", f"s={tiny_models[1]}", "--teacher", tiny_models[0],
                                "--sets", "vicuna_bench", "--limit", "1", "--max-new-tokens", "2", "--bootstrap", "10",
                                "--judge", "openai:m", "--judge-base-url", f"http://127.0.0.1:{server.server_port}/v1",
                                "--judge-api-key-env", "none", "--judge-retries", "0", "--out", str(tmp_path / "e"))

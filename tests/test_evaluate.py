@@ -7,6 +7,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from conftest import run_cli
 from dadpo.errors import DadpoError
 from dadpo.evaluate import EvalConfig, run_evaluate
 from dadpo.evaluate.answers import load_eval_set, pair_items, rouge_l
@@ -96,20 +97,8 @@ def test_rouge_l():
     assert rouge_l(rows) == {"rougeL": pytest.approx(50.0), "n": 2}
 
 
-def _dadpo(capsys, *args: str) -> tuple[int, str, str]:
-    """Run the real `dadpo` entry point in-process: (exit code, stdout, stderr)."""
-    from dadpo.cli import main
-
-    try:
-        code = main(list(args))
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_cli_help_explains_options(capsys):
-    code, out, _ = _dadpo(capsys, "evaluate", "--help")
+    code, out, _ = run_cli(capsys, "evaluate", "--help")
     assert code == 0
     for opt in (
         "--students",
@@ -136,7 +125,7 @@ def test_cli_help_explains_options(capsys):
 )
 def test_cli_bad_input_is_one_line_exit_2(capsys, monkeypatch, tmp_path, args, needle):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
-    code, _, err = _dadpo(
+    code, _, err = run_cli(
         capsys,
         "evaluate",
         "--students",
@@ -159,7 +148,7 @@ def test_cli_bad_input_is_one_line_exit_2(capsys, monkeypatch, tmp_path, args, n
 def test_cli_bad_config_file_is_one_line_exit_2(capsys, tmp_path, yaml_text, needle):
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(yaml_text)
-    code, _, err = _dadpo(capsys, "evaluate", "--students", "s", "--teacher", "t", "--out", str(tmp_path / "o"),
+    code, _, err = run_cli(capsys, "evaluate", "--students", "s", "--teacher", "t", "--out", str(tmp_path / "o"),
                           "--config", str(cfg), "--max-new-tokens", "8")
     assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
 
@@ -213,7 +202,7 @@ def test_cli_end_to_end_on_tiny_models_then_rerun_pays_nothing(capsys, data_alia
     argv = ["evaluate", "--students", f"small={student}", "--teacher", teacher, "--sets", "vicuna_bench,mt_bench",
             "--limit", "2", "--max-new-tokens", "6", "--judge", f"local:{teacher}", "--ppl", str(corpus),
             "--seq-lens", "32", "--out", str(out)]  # fmt: skip
-    code, stdout, err = _dadpo(capsys, *argv)
+    code, stdout, err = run_cli(capsys, *argv)
     assert code == 0, err
     assert "small vs teacher on vicuna_bench: preference" in stdout
     res = json.loads((out / "results.json").read_text())
@@ -227,11 +216,11 @@ def test_cli_end_to_end_on_tiny_models_then_rerun_pays_nothing(capsys, data_alia
     for name in ["report.md", *res["plots"]]:
         assert (out / name).stat().st_size > 0
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.jsonl")}
-    code, again, _ = _dadpo(capsys, *argv)
+    code, again, _ = run_cli(capsys, *argv)
     assert code == 0 and again == stdout
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.jsonl")} == stamps  # nothing generated or judged
     # other decoding settings in the same --out: the cached answers are stale, so they are made again
-    code, _, err = _dadpo(capsys, *[("4" if a == "6" else a) for a in argv])
+    code, _, err = run_cli(capsys, *[("4" if a == "6" else a) for a in argv])
     assert code == 0, err
     rows = [json.loads(line) for p in (out / "answers").rglob("*.jsonl") for line in p.read_text().splitlines()]
     assert rows and {r["generation"]["max_new_tokens"] for r in rows} == {4}
