@@ -58,11 +58,20 @@ class Stage:
     config: dict
     run: Callable[[Path, bool], dict]
     upstream: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)  # model specs read from outside the run (see stage_hash)
 
 
 def stage_hash(stage: Stage, upstream_hashes: dict[str, str]) -> str:
+    """Hash of what a stage's result depends on: its config, its upstream stages' hashes and the content
+    fingerprints of the models it reads from outside the run, so a model folder rewritten in place makes
+    the stage run again instead of being taken as done. Computed only once the run's checks have passed
+    (fingerprinting an alias hashes its GGUF)."""
+    from dadpo.models import model_fingerprint
+
     blob = json.dumps({"name": stage.name, "config": stage.config,
-                       "upstream": {u: upstream_hashes[u] for u in stage.upstream}}, sort_keys=True, default=str)
+                       "upstream": {u: upstream_hashes[u] for u in stage.upstream},
+                       **({"weights": {m: model_fingerprint(m) for m in stage.models}} if stage.models else {})},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -159,13 +168,9 @@ def _dump(model) -> dict:
     return model.model_dump(mode="json") if model is not None else {}
 
 
-def weights(recipe: Recipe) -> dict[str, str]:
-    """Content fingerprints of the models a recipe names (the teacher, a given student), part of every stage's
-    hash: a model folder rewritten in place makes its stages run again instead of being taken as done."""
-    from dadpo.models import model_fingerprint
-
-    specs = [recipe.teacher] + ([] if recipe.pruned else [recipe.student])
-    return {spec: model_fingerprint(spec) for spec in specs}
+def named_models(recipe: Recipe) -> list[str]:
+    """The models a recipe reads from outside its run: the teacher, and a given (not pruned) student."""
+    return [recipe.teacher] + ([] if recipe.pruned else [recipe.student])
 
 
 def prune_stage(recipe: Recipe, out: Path) -> Stage:
@@ -175,7 +180,7 @@ def prune_stage(recipe: Recipe, out: Path) -> Stage:
         report = prune_to_dir(recipe.teacher, d / "model", recipe.prune, overwrite=True)
         return {"model": str(d / "model"), **{k: report[k] for k in report if isinstance(report[k], int | float)}}
 
-    return Stage("prune", {"teacher": recipe.teacher, **_dump(recipe.prune), "weights": weights(recipe)}, run)
+    return Stage("prune", {"teacher": recipe.teacher, **_dump(recipe.prune)}, run, models=named_models(recipe))
 
 
 def student_path(recipe: Recipe, out: Path) -> str:
@@ -196,7 +201,7 @@ def recover_stage(recipe: Recipe, out: Path, name: str = "recover", config=None,
         return {"model": str(d / "model"), **metrics}
 
     return Stage(name, {"teacher": recipe.teacher, "student": recipe.student, "prompts": recipe.prompts,
-                        **_dump(cfg), "weights": weights(recipe)}, run, ["prune"] if recipe.pruned else [])
+                        **_dump(cfg)}, run, ["prune"] if recipe.pruned else [], named_models(recipe))
 
 
 def evaluate_stage(recipe: Recipe, out: Path, students: dict[str, str], upstream: list[str],
@@ -208,8 +213,8 @@ def evaluate_stage(recipe: Recipe, out: Path, students: dict[str, str], upstream
 
         return run_evaluate(students, recipe.teacher, d, recipe.evaluate, reuse=reuse)
 
-    return Stage(name, {"teacher": recipe.teacher, "students": students, **_dump(recipe.evaluate),
-                        "weights": weights(recipe)}, run, upstream)
+    return Stage(name, {"teacher": recipe.teacher, "students": students, **_dump(recipe.evaluate)},
+                 run, upstream, named_models(recipe))
 
 
 def plan(recipe: Recipe) -> list[Stage]:
