@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -201,8 +202,9 @@ def test_ctrl_c_cancels_queued_requests_and_keeps_the_one_in_flight(server, tmp_
 
     def press_ctrl_c_during_the_first_request(self):
         posts.append(self.path)
-        if len(posts) == 1:  # once the judge has queued every request
-            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        if len(posts) == 1:  # the judge is waiting on this request; Ctrl-C lands before it is answered
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
         answer(self)
 
     monkeypatch.setattr(handler, "do_POST", press_ctrl_c_during_the_first_request)
