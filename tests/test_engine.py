@@ -55,7 +55,8 @@ def test_greedy_tokens_equal_model_generate_on_smollm(smollm):
     assert _engine(model, tok, QUESTIONS, 40, slots=3) == _reference(model, tok, QUESTIONS, 40)
 
 
-@pytest.mark.parametrize("precision", ["model", "bfloat16"])
+@pytest.mark.parametrize("precision", ["model", pytest.param("bfloat16", marks=pytest.mark.skipif(
+    not torch.cpu._is_amx_tile_supported(), reason="bf16 is batch-invariant on AMX kernels only (resolve_precision)"))])
 def test_sampled_answers_do_not_depend_on_the_batch(smollm, precision):
     """bf16 rounding turns any difference of summation order into a different sample, so this holds only
     because every row's numbers are computed the same way whatever else is in the batch."""

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -125,34 +126,27 @@ class OpenAIJudge(Judge):
     def _run(self, todo, cache, progress):
         self._announce_key()
         bar = tqdm(total=len(todo), desc=f"judge {self.model}", unit="verdict", disable=not progress)
-        futures: dict = {}
-        kept: set = set()
+        lock = threading.Lock()
 
-        def keep(done) -> None:  # cache every finished verdict not kept yet, even when another request failed
-            rows = []
-            for f in done:
-                if f not in kept and not f.cancelled() and f.exception() is None:
-                    reply = f.result()
-                    rows.append({"key": futures[f], "verdict": parse_verdict(reply), "reply": reply,
-                                 "max_tokens": self.max_tokens})
-                    kept.add(f)
-            cache.add(rows)
-            bar.update(len(rows))
+        def ask(key: str, messages: list[dict]) -> None:
+            """One paid request; its verdict is cached by the worker itself as soon as the reply is in, so
+            neither another request's failure nor a Ctrl-C at any moment in the main thread can lose it."""
+            reply = self._post(messages)
+            with lock:
+                cache.add([{"key": key, "verdict": parse_verdict(reply), "reply": reply,
+                            "max_tokens": self.max_tokens}])
+                bar.update(1)
 
         with ThreadPoolExecutor(self.concurrency) as pool:
             try:
-                for key, msgs in todo:
-                    futures[pool.submit(self._post, msgs)] = key
-                pending = set(futures)
+                pending = {pool.submit(ask, key, msgs) for key, msgs in todo}
                 while pending:
                     done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    keep(done)
                     failed = next((f for f in done if f.exception() is not None), None)
                     if failed is not None:
                         raise failed.exception()
-            finally:  # a failure or Ctrl-C: queued requests never start; those in flight are paid for, keep them
+            finally:  # a failure or Ctrl-C: queued requests never start; those in flight finish and are kept
                 pool.shutdown(cancel_futures=True)
-                keep(futures)
                 bar.close()
 
 
