@@ -25,6 +25,7 @@ os.environ.setdefault("DADPO_DATA_DIR", str(Path(__file__).resolve().parents[2] 
 from dadpo.evaluate import EvalConfig, generate_answers, judge_student, load_eval_set  # noqa: E402
 from dadpo.evaluate.backends import LocalJudge  # noqa: E402
 from dadpo.evaluate.judge import VerdictCache  # noqa: E402
+from dadpo.evaluate.stats import invalid_label  # noqa: E402
 from dadpo.io import atomic_write_json  # noqa: E402
 from dadpo.models import load_model  # noqa: E402
 
@@ -92,6 +93,8 @@ def main() -> None:
                 f"loss {o['loss']['value']:.1f} preference {o['preference']['value']:+.1f} [{lo:+.1f}, {hi:+.1f}] "
                 f"adjusted win {o['adjusted_win']['value']:.1f} flips {o['flip_rate']:.1f}% invalid {o['invalid']}"
             )
+            if flag := invalid_label(summ.get("validity")):
+                print(f"    {flag}: the rates above measure the judge, not the answers")
             if "calibrated" in summ:
                 c = summ["calibrated"]
                 lo, hi = c["preference"]["ci95"]

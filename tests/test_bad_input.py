@@ -93,7 +93,8 @@ def test_garbage_or_truncated_gguf(capsys, tmp_path, cache, prompts, content, cm
     out = tmp_path / "out"
     args = {"generate": ["--model", str(gguf), "--prompts", str(prompts), "--out", str(out)],
             "prune": ["--model", str(gguf), "--out", str(out)],
-            "evaluate": ["--students", str(gguf), "--teacher", str(gguf), "--out", str(out)]}[cmd]
+            "evaluate": ["--students", str(gguf), "--teacher", str(gguf), "--sets", f"p={prompts}", "--out",
+                         str(out)]}[cmd]
     line = one_line_error(capsys, cmd, *args)
     assert f"model file {gguf}" in line and needle in line
     assert not out.exists() and not cache.exists()  # not even the file's digest was remembered
@@ -146,7 +147,7 @@ def unknown_type_dir(tmp_path, smollm_dir) -> Path:
 def test_unknown_model_type(capsys, tmp_path, unknown_type_dir, prompts, cmd):
     spec, out = str(unknown_type_dir), tmp_path / "out"
     args = {"generate": ["--model", spec, "--prompts", str(prompts), "--out", str(out)],
-            "evaluate": ["--students", spec, "--teacher", ALIAS, "--out", str(out)],
+            "evaluate": ["--students", spec, "--teacher", ALIAS, "--sets", f"p={prompts}", "--out", str(out)],
             "recover": ["--student", spec, "--teacher", ALIAS, "--prompts", str(prompts), "--out", str(out)]}[cmd]
     line = one_line_error(capsys, cmd, *args)
     assert f"model {spec}: config.json is not usable" in line and "model type `foo`" in line
@@ -196,10 +197,10 @@ def test_evaluate_out_that_is_a_file(capsys, tmp_path):
     assert line.endswith(f"--out {out} exists and is not a directory") and out.read_text() == "mine\n"
 
 
-def test_evaluate_leaves_no_empty_out_on_an_early_error(capsys, tmp_path):
+def test_evaluate_leaves_no_empty_out_on_an_early_error(capsys, tmp_path, prompts):
     out = tmp_path / "eval"
     line = one_line_error(capsys, "evaluate", "--students", str(tmp_path / "no-such-model"), "--teacher", ALIAS,
-                          "--out", str(out))
+                          "--sets", f"p={prompts}", "--out", str(out))
     assert "no-such-model" in line and not out.exists()
 
 
@@ -285,7 +286,7 @@ def test_recipe_lora_without_modules_is_refused():
      "dadpo recover: error: --beta2: must be > 0, got -0.2"),
     (["evaluate", "--students", "s", "--teacher", "t", "--out", "o", "--sets", "nope"],
      "dadpo evaluate: error: sets: unknown nope (evaluation sets are dolly, vicuna_bench, mt_bench, "
-     "self_instruct, alpaca_eval)"),
+     "self_instruct, alpaca_eval, or NAME=PATH for a prompt file of your own)"),
     (["evaluate", "--students", "s", "--teacher", "t", "--out", "o", "--seq-lens", "1"],
      "dadpo evaluate: error: seq_lens: every window length must be ≥ 2, got [1]"),
     (["evaluate", "--students", "s", "--teacher", "t", "--out", "o", "--judge", "openai:m", "--judge-base-url",
@@ -299,7 +300,8 @@ def test_cli_messages_say_things_once(capsys, args, expected):
     ({"recover": {"beta1": -0.2}}, "r: recover.beta1: must be > 0, got -0.2"),
     ({"prune": {"ratio": -0.2}}, "r: prune.ratio: must be in (0, 0.9], got -0.2"),
     ({"evaluate": {"sets": ["nope"]}}, "r: evaluate.sets: unknown nope (evaluation sets are dolly, vicuna_bench, "
-                                       "mt_bench, self_instruct, alpaca_eval)"),
+                                       "mt_bench, self_instruct, alpaca_eval, or NAME=PATH for a prompt file of "
+                                       "your own)"),
     ({"recover": {"beta1": "big"}}, "r: recover.beta1: Input should be a valid number, unable to parse string as a "
                                     "number (got 'big')"),
 ])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dadpo.bench import bench_rows, markdown_table, write_bench
 
 
@@ -10,14 +12,14 @@ def summary(value: float, n: int, ci=(-10.0, 10.0)) -> dict:
 
 
 def results(calibrated: bool) -> dict:
-    block = {"params": 107_558_208, "rouge": {"dolly": {"rougeL": 20.0}},
+    block = {"params": 107_558_208, "rouge": {"dolly": {"mean": 20.0, "std": 1.0}},
              "zeroshot": {"piqa": {"acc": 0.6, "acc_norm": 0.7}, "hellaswag": {"acc": 0.3, "acc_norm": 0.4}},
              "perplexity": [{"corpus": "wikitext2", "ppl": 150.0, "seq_len": 128}]}
     pair = {"vicuna_bench": {"overall": summary(0.0, 24, (0.0, 0.0))}}
     if calibrated:
         pair["vicuna_bench"]["calibrated"] = summary(-25.0, 24, (-50.0, 0.0))
     return {"teacher": {**block, "params": 134_515_008}, "students": {"dadpo": block},
-            "pairwise": {"dadpo": pair}}
+            "pairwise": {"dadpo": pair}, "comparisons": []}
 
 
 def test_rows_pool_sets_and_average_the_task_metric():
@@ -27,17 +29,73 @@ def test_rows_pool_sets_and_average_the_task_metric():
     assert teacher["method"] == "teacher" and "preference" not in teacher
     assert row["preference"] == 7.5 and row["preference_ci95"] is None  # (0·24 + 30·8) / 32; no CI when pooled
     assert row["zeroshot_avg"] == 50.0 and row["zeroshot_tasks"] == 2  # piqa acc 60, hellaswag acc_norm 40
-    assert row["wikitext2_ppl"] == 150.0 and row["rougeL"] == 20.0
+    assert row["wikitext2_ppl"] == 150.0 and row["rouge"] == {"dolly": {"mean": 20.0, "std": 1.0}}
     # a set whose verdicts were all invalid (n = 0; its rate read back from results.json as null) has no weight
     two_sets["pairwise"]["dadpo"]["mt_bench"] = {"overall": {"n": 0, "preference": {"value": None, "ci95": None}}}
     assert bench_rows(two_sets)[1]["preference"] == 7.5
     only_invalid = {"mt_bench": two_sets["pairwise"]["dadpo"]["mt_bench"]}
-    assert "| dadpo | 107.6 | — |" in markdown_table(bench_rows({**two_sets, "pairwise": {"dadpo": only_invalid}}))
+    table = markdown_table(bench_rows({**two_sets, "pairwise": {"dadpo": only_invalid}}))
+    assert "| dadpo | 107.6 | 20.0 ± 1.0 | — |" in table
+
+
+def test_zero_shot_avg_carries_its_95_interval():
+    """bench's zero-shot avg is report.md's mean (`zeroshot_summary`) with the same pooled 95% interval."""
+    res = results(False)
+    zs = res["students"]["dadpo"]["zeroshot"]
+    res["students"]["dadpo"] = {**res["students"]["dadpo"], "zeroshot": {"piqa": {**zs["piqa"], "n": 100},
+                                                                          "hellaswag": {**zs["hellaswag"], "n": 24}}}
+    row = bench_rows(res)[1]
+    half = 1.96 * ((100 * (0.24 / 100) ** 0.5) ** 2 + 10.0**2) ** 0.5 / 2  # SEs: piqa acc 60 (n 100), hellaswag 10
+    assert row["zeroshot_avg"] == 50.0 and row["zeroshot_avg_ci95"] == pytest.approx([50 - half, 50 + half])
+    table = markdown_table(bench_rows(res))
+    assert "zero-shot avg (%) ± 95%" in table and f"| 0.0 [0.0, 0.0] | 50.0 ± {half:.1f} | 150.00 |" in table
+    assert "| teacher | 134.5 | 20.0 ± 1.0 | — | 50.0 | 150.00 |" in table  # without n: no interval to claim
 
 
 def test_table_shows_the_calibrated_column_only_for_local_judges(tmp_path):
     assert "calibrated" not in markdown_table(bench_rows(results(False)))
     table = write_bench(tmp_path, results(True), "dadpo bench x.yaml")
-    assert "| dadpo | 107.6 | 0.0 [0.0, 0.0] | -25.0 [-50.0, 0.0] | 20.0 | 50.0 | 150.00 |" in table
+    assert "| dadpo | 107.6 | 20.0 ± 1.0 | 0.0 [0.0, 0.0] | -25.0 [-50.0, 0.0] | 50.0 | 150.00 |" in table
     assert (tmp_path / "table.md").read_text().startswith("Command: `dadpo bench x.yaml`")
     assert (tmp_path / "preference.png").stat().st_size > 1000
+
+
+def test_an_invalid_judge_shows_its_reason_instead_of_a_preference(tmp_path):
+    """A judge that answers [[A]] to everything: the table and plot print why instead of its preference, which
+    stays in bench.json, flagged; the calibrated log-prob reading stays, marked. Pooled over sets, a set judged
+    by content can bring the judge back under the limits."""
+    import json
+
+    from dadpo.evaluate.stats import judge_validity
+
+    res = results(True)
+    res["pairwise"]["dadpo"]["vicuna_bench"]["validity"] = judge_validity([("A", "A")] * 24)
+    table = write_bench(tmp_path, res, "dadpo bench x.yaml")
+    flag = "judge invalid (flip rate 100%; [[A]] for 100% of prompts with the student shown first)"
+    assert f"| dadpo | 107.6 | 20.0 ± 1.0 | {flag} | -25.0 [-50.0, 0.0]† |" in table
+    assert "\n† position-calibrated log-prob reading of a judge whose verdicts failed" in table
+    row = json.loads((tmp_path / "bench.json").read_text())["rows"][1]
+    assert row["preference"] == 0.0 and row["judge_invalid"] == flag and row["judge_validity"]["valid"] is False
+    assert (tmp_path / "preference.png").stat().st_size > 1000
+    res["pairwise"]["dadpo"]["dolly"] = {"overall": summary(30.0, 26), "calibrated": summary(10.0, 26),
+                                         "validity": judge_validity([("A", "B"), ("B", "A")] * 13)}
+    row = bench_rows(res)[1]
+    assert row["flip_rate"] == 48.0 and row["judge_invalid"] is None  # 24 flips in 50 pairs
+    assert "judge invalid" not in markdown_table([row]) and "†" not in markdown_table([row])
+
+
+def test_rouge_columns_show_the_paired_difference_from_the_baseline():
+    res = results(False)
+    res["students"] = {"none": res["students"]["dadpo"], "dadpo": {**res["students"]["dadpo"],
+                                                                     "rouge": {"dolly": {"mean": 22.5, "std": 0.4}}}}
+    res["pairwise"] = {}
+    res["comparisons"] = [{"set": "dolly", "a": "teacher", "b": "none", "delta": 3.0, "ci95": [1.0, 5.0], "n": 80},
+                          {"set": "dolly", "a": "dadpo", "b": "none", "delta": 2.5, "ci95": [-0.25, 4.0], "n": 80},
+                          {"set": "dolly", "a": "dadpo", "b": "teacher", "delta": -0.5, "ci95": [-2.0, 1.0], "n": 80}]
+    rows = bench_rows(res)
+    assert rows[2]["rouge_delta"] == {"dolly": {"vs": "none", "delta": 2.5, "ci95": [-0.25, 4.0]}}
+    table = markdown_table(rows)
+    assert "| method | params (M) | ROUGE-L dolly ± std | Δ vs none [95% CI] |" in table
+    assert "| none | 107.6 | 20.0 ± 1.0 | baseline |" in table
+    assert "| dadpo | 107.6 | 22.5 ± 0.4 | +2.5 [-0.2, +4.0] |" in table  # not the extra dadpo − teacher pair
+    assert "| teacher | 134.5 | 20.0 ± 1.0 | +3.0 [+1.0, +5.0] |" in table

@@ -115,13 +115,13 @@ def test_student_rewritten_in_place_is_answered_and_measured_again(data_aliases,
                                      "generation": {"max_new_tokens": 2}})
     out = tmp_path / "eval"
     first = run_evaluate({"s": str(student)}, str(teacher), out, cfg, progress=False)
-    teacher_answers = next((out / "answers").glob("teacher-*/vicuna_bench.jsonl"))
+    teacher_answers = next((out / "answers").glob("teacher-*/vicuna_bench.seed10.jsonl"))
     stamp = teacher_answers.stat().st_mtime_ns
 
     _tiny_model_dir(student, smollm_dir, 16, 2)  # the student folder is pruned again, smaller
     again = run_evaluate({"s": str(student)}, str(teacher), out, cfg, progress=False)
     assert again["students"]["s"]["params"] < first["students"]["s"]["params"]  # metrics were not reused
-    rows = [json.loads(line) for line in next((out / "answers").glob("s-*/vicuna_bench.jsonl")).open()]
+    rows = [json.loads(line) for line in next((out / "answers").glob("s-*/vicuna_bench.seed10.jsonl")).open()]
     assert [r["model"] for r in rows] == [models.model_stamp(str(student))]  # answered by the new weights
     assert teacher_answers.stat().st_mtime_ns == stamp  # the unchanged teacher's answers were reused
 

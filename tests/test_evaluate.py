@@ -10,12 +10,14 @@ from pydantic import ValidationError
 from conftest import run_cli
 from dadpo.errors import DadpoError
 from dadpo.evaluate import EvalConfig, run_evaluate
-from dadpo.evaluate.answers import load_eval_set, pair_items, rouge_l
+from dadpo.evaluate.answers import load_eval_set, pair_items
 
 
 def test_config_defaults_and_recipe_section():
     cfg = EvalConfig()
-    assert cfg.sets == ["vicuna_bench"] and cfg.generation.temperature == 0 and cfg.judge.kind == "local"
+    assert cfg.sets == ["dolly", "vicuna_bench"] and cfg.judge.kind == "local"
+    g = cfg.generation  # MiniLLM's protocol: pure sampling, 256 new tokens, several seeds
+    assert (g.temperature, g.top_p, g.max_new_tokens, cfg.seeds) == (1.0, 1.0, 256, [10, 20, 30])
     cfg = EvalConfig.model_validate(
         {
             "sets": ["dolly", "mt_bench"],
@@ -86,15 +88,6 @@ def test_pair_items_cover_both_orders_and_every_turn():
     assert s_first.conv_a[-1]["content"] == "s2" and s_first.conv_a[1]["content"] == "s1"
     assert t_first.conv_a[-1]["content"] == "t2" and t_first.conv_b[-1]["content"] == "s2"
     assert triples[0][1].reference == "r" and s_first.reference is None
-
-
-def test_rouge_l():
-    rows = [
-        {"reference": "the cat sat on the mat", "response": "the cat sat on the mat"},
-        {"reference": "the cat sat on the mat", "response": "dogs bark"},
-        {"reference": None, "response": "x"},
-    ]
-    assert rouge_l(rows) == {"rougeL": pytest.approx(50.0), "n": 2}
 
 
 def test_cli_help_explains_options(capsys):
@@ -226,6 +219,41 @@ def test_cli_end_to_end_on_tiny_models_then_rerun_pays_nothing(capsys, data_alia
     assert rows and {r["generation"]["max_new_tokens"] for r in rows} == {4}
 
 
+def test_rouge_over_seeds_caches_each_seed_and_compares_paired(capsys, data_aliases, tiny_dirs, tmp_path):
+    teacher, student = tiny_dirs
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--students", f"small={student}", "--teacher", teacher, "--sets", "dolly", "--limit", "4",
+            "--max-new-tokens", "5", "--seeds", "1,2", "--judge", "none", "--bootstrap", "100", "--out", str(out)]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    folder = next((out / "answers").glob("small-*"))
+    files = {p.name: p.read_text() for p in folder.iterdir()}
+    assert sorted(files) == ["dolly.seed1.jsonl", "dolly.seed2.jsonl"]
+    one, two = ([json.loads(line)["response"] for line in files[f].splitlines()] for f in sorted(files))
+    assert one != two  # another seed, other samples
+    rouge = res["students"]["small"]["rouge"]["dolly"]
+    assert rouge["seeds"] == 2 and rouge["n"] == 4 and set(rouge["per_seed"]) == {"1", "2"}
+    assert rouge["mean"] == pytest.approx(sum(rouge["per_seed"].values()) / 2)
+    [c] = res["comparisons"]  # the teacher against the baseline, the first student
+    assert (c["set"], c["a"], c["b"], c["n"]) == ("dolly", "teacher", "small", 4)
+    teacher_prompts = res["teacher"]["rouge"]["dolly"]["prompts"]
+    assert c["delta"] == pytest.approx(sum(teacher_prompts[i] - rouge["prompts"][i] for i in rouge["prompts"]) / 4)
+    diag = res["students"]["small"]["diagnostics"]["dolly"]
+    assert diag["answers"] == 8 and diag["mean_tokens"] <= 5
+    report = (out / "report.md").read_text()
+    assert "### dolly (4 prompts × 2 seeds)" in report and "Answer diagnostics" in report
+    assert "rouge.png" in res["plots"]
+    # the same seed again gives the same samples (served from the cache, byte for byte); a new seed is added
+    code, _, err = run_cli(capsys, *[("1,3" if a == "1,2" else a) for a in argv])
+    assert code == 0, err
+    assert (folder / "dolly.seed1.jsonl").read_text() == files["dolly.seed1.jsonl"]
+    assert (folder / "dolly.seed3.jsonl").is_file()
+    (folder / "dolly.seed1.jsonl").unlink()  # made again from scratch: the same samples
+    assert run_cli(capsys, *[("1,3" if a == "1,2" else a) for a in argv])[0] == 0
+    assert (folder / "dolly.seed1.jsonl").read_text() == files["dolly.seed1.jsonl"]
+
+
 @pytest.mark.slow
 def test_run_evaluate_end_to_end_then_rerun_pays_nothing(data_aliases, smollm_dir, tmp_path):
     corpus = tmp_path / "c.txt"
@@ -249,7 +277,9 @@ def test_run_evaluate_end_to_end_then_rerun_pays_nothing(data_aliases, smollm_di
     assert vic["preference"]["value"] == 0
     assert res["teacher"]["params"] > 1e8 and res["teacher"]["perplexity"][0]["seq_len"] == 64
     assert "dolly" in res["teacher"]["rouge"]
-    assert {"winrate.png", "params_vs_score.png"} <= set(res["plots"])
+    # no zero-shot tasks: size vs quality plots the adjusted win rate, unless the judge failed its validity check
+    judged = res["pairwise"]["same"]["vicuna_bench"]["validity"]["valid"] is not False
+    assert "winrate.png" in res["plots"] and ("params_vs_score.png" in res["plots"]) == judged
     for name in ["results.json", "report.md", *res["plots"]]:
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "results.json").read_text())["judge"] == "local:smollm2-135m-instruct"
@@ -325,13 +355,63 @@ def test_perplexity_windows_prefix_and_stride(smollm):
     assert every_other["ppl"] == pytest.approx(math.exp(nll[[0, 2, 4]].sum().item() / 45), rel=1e-3)  # batching noise
     prefix = perplexity(model, tok, text, seq_len=16, max_windows=2, batch_size=1, progress=False)
     assert prefix["ppl"] == pytest.approx(math.exp(nll[:2].sum().item() / 30), rel=1e-3)
+    # the CI resamples windows: it lies between the best and the worst single window's perplexity
+    lo, hi = prefix["ppl_ci95"]
+    best, worst = (math.exp(v / 15) for v in (nll[:2].min().item(), nll[:2].max().item()))
+    assert best * (1 - 1e-3) <= lo <= prefix["ppl"] <= hi <= worst * (1 + 1e-3)
 
 
-def test_report_renders_tasks_without_acc_norm():
-    """boolq and winogrande report acc only (like lm-eval's configs): the table shows "–" for acc_norm."""
+#: boolq acc 50 (SE 5), hellaswag acc_norm 40 (SE 10), piqa acc 64 (SE 4.8); mmlu (not LLM-Pruner's) and an
+#: arc_challenge without its acc_norm are left out
+ZEROSHOT = {"boolq": {"acc": 0.5, "n": 100}, "hellaswag": {"acc": 0.3, "acc_norm": 0.4, "n": 24},
+            "piqa": {"acc": 0.64, "acc_norm": 0.655, "n": 100}, "mmlu": {"acc": 0.9, "n": 10},
+            "arc_challenge": {"acc": 0.2, "n": 5}}
+
+
+def test_zeroshot_summary_by_hand():
+    """LLM-Pruner's metric per task, binomial SE sqrt(p(1−p)/n), pooled SE of the mean sqrt(Σ SE²)/T."""
+    from dadpo.evaluate.zeroshot import zeroshot_summary
+
+    s = zeroshot_summary(ZEROSHOT)
+    assert list(s["tasks"]) == ["boolq", "hellaswag", "piqa"]
+    assert s["tasks"]["hellaswag"] == {"metric": "acc_norm", "value": pytest.approx(40.0), "se": pytest.approx(10.0),
+                                       "n": 24}
+    assert [t["se"] for t in s["tasks"].values()] == pytest.approx([5.0, 10.0, 4.8])
+    assert s["mean"] == pytest.approx((50 + 40 + 64) / 3)
+    assert s["se"] == pytest.approx((5.0**2 + 10.0**2 + 4.8**2) ** 0.5 / 3)
+    no_n = zeroshot_summary({"boolq": {"acc": 0.6}, "piqa": {"acc": 0.5, "n": 4}})  # n unknown: no SE to claim
+    assert no_n["tasks"]["boolq"]["se"] is None and no_n["se"] is None and no_n["mean"] == pytest.approx(55.0)
+    assert zeroshot_summary({}) == {"mean": None, "se": None, "tasks": {}}
+
+
+def test_report_shows_each_zero_shot_score_with_its_95_interval():
+    """report.md's cells: LLM-Pruner's metric ± 1.96 SE, the mean ± its pooled interval; the heading names the
+    metric per task. Without n (no SE) the value stands alone; acc-only tasks (boolq) need no acc_norm."""
     from dadpo.evaluate.report import render_markdown
 
-    block = {"spec": "t", "params": 134_515_008,
-             "zeroshot": {"boolq": {"acc": 0.6}, "piqa": {"acc": 0.64, "acc_norm": 0.655}}}
-    md = render_markdown({"teacher": block, "students": {"s": {**block, "spec": "s"}}, "pairwise": {}, "judge": None})
-    assert "| teacher | 134.5 | 60.0 / – | 64.0 / 65.5 | 62.0 |" in md
+    teacher = {"spec": "t", "params": 134_515_008, "zeroshot": ZEROSHOT}
+    student = {"spec": "s", "params": 107_558_208, "zeroshot": {"boolq": {"acc": 0.6}}}
+    md = render_markdown({"teacher": teacher, "students": {"s": student}, "pairwise": {}, "judge": None})
+    assert "boolq acc, hellaswag acc_norm, piqa acc)" in md and "95% interval" in md
+    assert "| boolq acc (n=100) | hellaswag acc_norm (n=24) | piqa acc (n=100) | mean |" in md
+    assert "| teacher | 134.5 | 50.0 ± 9.8 | 40.0 ± 19.6 | 64.0 ± 9.4 | 51.3 ± 7.9 |" in md
+    assert "| s | 107.6 | 60.0 | – | – | 60.0 |" in md
+
+
+def test_plots_show_zero_shot_intervals(tmp_path):
+    """Both plots are drawn from the summary (with intervals); without zero-shot SEs the size plot falls back
+    to the adjusted win rate with its CI, and a student without a CI is not plotted."""
+    from dadpo.evaluate.report import _params_score, write_plots
+
+    teacher = {"spec": "t", "params": 134_515_008, "zeroshot": ZEROSHOT}
+    res = {"teacher": teacher, "students": {"s": {**teacher, "params": 107_558_208}}, "pairwise": {}}
+    assert write_plots(res, tmp_path) == ["zeroshot.png", "params_vs_score.png"]
+    label, points, reference = _params_score(res)
+    mean, half = 154 / 3, 1.96 * (5.0**2 + 10.0**2 + 4.8**2) ** 0.5 / 3
+    assert reference is None and points[0][2:] == (pytest.approx(mean), pytest.approx((mean - half, mean + half)))
+    win = {"value": 60.0, "ci95": [45.0, 75.0]}
+    res = {"teacher": {"params": 2}, "students": {"s": {"params": 1}, "u": {"params": 1}},
+           "pairwise": {"s": {"vicuna_bench": {"overall": {"adjusted_win": win}}},
+                        "u": {"vicuna_bench": {"overall": {"adjusted_win": {"value": None, "ci95": None}}}}}}
+    label, points, reference = _params_score(res)
+    assert points == [("s", 1, 60.0, (45.0, 75.0))] and reference[1] == 50.0

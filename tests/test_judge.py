@@ -12,7 +12,15 @@ import pytest
 from dadpo.errors import DadpoError
 from dadpo.evaluate.backends import LocalJudge, OpenAIJudge
 from dadpo.evaluate.judge import PairItem, VerdictCache, judge_messages, parse_verdict
-from dadpo.evaluate.stats import calibrated_margin, combine, pairwise_summary, summarize
+from dadpo.evaluate.stats import (
+    calibrated_margin,
+    combine,
+    invalid_label,
+    judge_validity,
+    pairwise_summary,
+    pool_validity,
+    summarize,
+)
 
 
 def _item(key: str, q: str, a: str, b: str) -> PairItem:
@@ -243,3 +251,189 @@ def test_verdict_cache_survives_a_torn_last_line(tmp_path):
     assert set(cache.rows) == {"a"}
     cache.add([{"key": "c", "verdict": "C"}])
     assert set(VerdictCache(path).rows) == {"a", "c"}
+
+
+# --- judge validity: a judge whose verdicts do not depend on the answers is reported as invalid ---------------
+
+
+def _flips(k: int) -> list[tuple[str, str]]:
+    """100 pairs: k flip (always [[A]]), the rest keep their verdict across orders, student wins and losses
+    alternating, so no letter reaches 90% of an order."""
+    rest = [("A", "B") if i % 2 == 0 else ("B", "A") for i in range(100 - k)]
+    return [("A", "A")] * k + rest
+
+
+def _ties(k: int) -> list[tuple[str, str]]:
+    """100 pairs, none flipping: k consistent ties, the rest consistent wins and losses."""
+    return [("C", "C")] * k + [("A", "B") if i % 2 == 0 else ("B", "A") for i in range(100 - k)]
+
+
+def test_validity_flip_rate_limit_is_50_percent():
+    ok = judge_validity(_flips(49))
+    assert ok["valid"] is True and ok["reason"] is None and ok["flip_rate"] == 49
+    assert max(ok["letter_share"]["student_first"].values()) < 90 and invalid_label(ok) is None
+    bad = judge_validity(_flips(50))
+    assert bad["valid"] is False and bad["reason"] == "flip rate 50%"
+    assert invalid_label(bad) == "judge invalid (flip rate 50%)"
+
+
+def test_validity_letter_share_limit_is_90_percent_in_one_order():
+    ok = judge_validity(_ties(89))
+    assert ok["valid"] is True and ok["flip_rate"] == 0 and ok["letter_share"]["student_first"]["C"] == 89
+    bad = judge_validity(_ties(90))  # a judge that calls nearly everything a tie never flips, yet does not judge
+    assert bad["valid"] is False and bad["flip_rate"] == 0
+    assert bad["reason"] == "[[C]] for 90% of prompts with the student shown first"
+    # one order alone is enough: the teacher-first verdicts are [[A]] 90% of the time, the student-first ones vary
+    one_order = [("B", "A")] * 45 + [("C", "A")] * 45 + [("A", "B")] * 10
+    v = judge_validity(one_order)
+    assert v["reason"] == "[[A]] for 90% of prompts with the teacher shown first" and v["flip_rate"] == 45
+    assert v["letter_share"]["teacher_first"] == {"A": 90, "B": 10, "C": 0}
+
+
+def test_validity_a_consistent_winner_is_content_not_position():
+    # a student that loses every question: [[B]] with it first, [[A]] with the teacher first — a judge that
+    # follows an answer across the swap, however lopsided the letters of each order
+    assert judge_validity([("B", "A")] * 30)["valid"] is True
+    assert judge_validity([("A", "B")] * 19 + [("C", "B")])["valid"] is True
+    # always [[A]]: both rules fire, and the reason names both
+    v = judge_validity([("A", "A")] * 20)
+    assert v["reason"] == "flip rate 100%; [[A]] for 100% of prompts with the student shown first"
+
+
+def test_validity_identical_answers_and_missing_verdicts():
+    # identical answers: a tie is the right verdict, not a sign of blindness; a flip there is still position bias
+    assert judge_validity([("C", "C")] * 10, identical=[True] * 10)["valid"] is True
+    assert judge_validity([("C", "C")] * 10)["valid"] is False
+    assert judge_validity([("A", "A")] * 10, identical=[True] * 10)["reason"] == "flip rate 100%"
+    nothing = judge_validity([(None, None)] * 3)  # no verdict at all: nothing to decide from
+    assert nothing["valid"] is None and nothing["flip_rate"] is None and invalid_label(nothing) is None
+    assert judge_validity([(None, "B"), ("A", "B"), ("B", "A")])["flip_rate"] == 0  # over pairs with both
+
+
+def test_pooled_validity_decides_on_the_summed_counts():
+    steady, flipping = judge_validity(_flips(0)[:10]), judge_validity([("A", "A")] * 10)
+    pooled = pool_validity([steady, flipping])
+    assert pooled["flip_rate"] == 50 and pooled["valid"] is False
+    assert pool_validity([steady, steady])["valid"] is True
+    assert pool_validity([None, None]) is None  # results written before validity existed: no flag
+
+
+def _qa_rows(answers: list[tuple[str, str]]) -> list[dict]:
+    """Answer rows as `generate_answers` writes them (one turn each), from (question, answer) pairs."""
+    return [
+        {"id": str(k), "category": "qa", "responses": [a],
+         "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for k, (q, a) in enumerate(answers)
+    ]
+
+
+#: (question, right answer, wrong answer)
+QA = [
+    ("What is the capital of France?", "The capital of France is Paris.", "Bananas are yellow."),
+    ("What is 2 + 2?", "2 + 2 = 4.", "2 + 2 = 5."),
+    ("Repeat exactly: blue whale", "blue whale", "I like trains."),
+    ("How many legs does a spider have?", "A spider has eight legs.", "Spiders have three legs."),
+]
+
+
+def _results(pairwise: dict, judge: str) -> dict:
+    block = {"spec": "m", "params": 134_515_008}
+    return {"teacher": block, "students": {s: block for s in pairwise}, "pairwise": pairwise, "judge": judge,
+            "config": {}}
+
+
+def test_the_local_135m_judge_is_flagged_invalid_and_reports_print_the_flag(smollm, tmp_path):
+    """The real SmolLM2-135M judge on real pairs (the student right on half, wrong on the other half)."""
+    from dadpo.bench import bench_rows, markdown_table
+    from dadpo.evaluate.config import EvalConfig
+    from dadpo.evaluate.report import render_markdown
+    from dadpo.evaluate.run import judge_student
+
+    model, tok = smollm
+    student = _qa_rows([(q, good if k % 2 == 0 else bad) for k, (q, good, bad) in enumerate(QA)])
+    teacher = _qa_rows([(q, bad if k % 2 == 0 else good) for k, (q, good, bad) in enumerate(QA)])
+    judge = LocalJudge(model, tok, "smollm2-135m-instruct", batch_size=4)
+    summary = judge_student(judge, VerdictCache(tmp_path / "v.jsonl"), {"qa": student}, {"qa": teacher},
+                            EvalConfig.model_validate({"bootstrap": 100}), progress=False)["qa"]
+    v = summary["validity"]
+    # measured: [[A]] for every prompt in both orders, so every pair flips
+    assert v["valid"] is False and v["flip_rate"] >= 50
+    assert v["reason"].startswith("flip rate") and v["flip_rate"] == summary["overall"]["flip_rate"]
+    assert summary["overall"]["preference"]["value"] is not None  # the numbers stay in results.json, flagged
+
+    md = render_markdown(_results({"pruned": {"qa": summary}}, judge.id))
+    flag = invalid_label(v)
+    assert f"| pruned | qa | 4 | – | – | – | {flag} | – |" in md
+    assert f"| {flag} |" in md.split("mean margin")[1]  # the calibrated reading is kept, labelled
+    table = markdown_table(bench_rows(_results({"pruned": {"qa": summary}}, judge.id)))
+    assert f"| pruned | 134.5 | {flag} |" in table and "†" in table
+
+
+def _rule_judge_server():
+    """A real OpenAI-compatible HTTP judge that decides by content: it reads both replies and the reference
+    out of dadpo's judge prompt and prefers the reply that contains the reference ([[C]] when both or neither
+    do). Its intelligence is not under test; dadpo's HTTP client and validity check are."""
+    import json
+    import re
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    def section(text: str, name: str) -> str:
+        m = re.search(rf"\[{name}\]\n(.*?)\n\[End of {name.lower()}\]", text, re.S | re.I)
+        return m.group(1) if m else ""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompt = body["messages"][-1]["content"]
+            ref = section(prompt, "Reference answer").lower()
+            a, b = (ref in section(prompt, f"Reply of assistant {x}").lower() for x in "AB")
+            verdict = "A" if a and not b else "B" if b and not a else "C"
+            out = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                       "content": f"Compared with the reference: [[{verdict}]]"}}]})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out.encode())
+
+        def log_message(self, *args):
+            pass
+
+    return ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+
+
+def test_a_judge_that_reads_the_answers_is_not_flagged(tmp_path):
+    from dadpo.bench import bench_rows, markdown_table
+    from dadpo.evaluate.config import EvalConfig
+    from dadpo.evaluate.report import render_markdown
+    from dadpo.evaluate.run import judge_student
+
+    right = [(q, good) for q, good, _ in QA]
+    wrong = [(q, bad) for q, _, bad in QA]
+    mixed_s = _qa_rows([right[k] if k % 2 == 0 else wrong[k] for k in range(len(QA))])
+    mixed_t = _qa_rows([wrong[k] if k % 2 == 0 else right[k] for k in range(len(QA))])
+    always_s, always_t = _qa_rows(right), _qa_rows(wrong)
+    for rows in (mixed_s, always_s):  # the judge prompt takes the reference from the student's rows
+        for r, (_, good, _) in zip(rows, QA, strict=True):
+            r["reference"] = good
+    srv = _rule_judge_server()
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        judge = OpenAIJudge(f"http://127.0.0.1:{srv.server_port}/v1", "rule", api_key_env=None, retries=0)
+        out = judge_student(judge, VerdictCache(tmp_path / "v.jsonl"),
+                            {"mixed": mixed_s, "always_right": always_s}, {"mixed": mixed_t, "always_right": always_t},
+                            EvalConfig.model_validate({"bootstrap": 100}), progress=False)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    for s in ("mixed", "always_right"):
+        v = out[s]["validity"]
+        assert v["valid"] is True and v["reason"] is None and v["flip_rate"] == 0, (s, v)
+    assert out["mixed"]["overall"]["preference"]["value"] == 0  # 2 wins, 2 losses
+    # the student right every time: [[A]] for all student-first prompts, [[B]] for all teacher-first ones
+    assert out["always_right"]["validity"]["letter_share"]["student_first"]["A"] == 100
+    assert out["always_right"]["overall"]["preference"]["value"] == 100
+    md = render_markdown(_results({"recovered": out}, judge.id))
+    assert "judge invalid (" not in md and "| recovered | always_right | 4 | 100.0" in md
+    table = markdown_table(bench_rows(_results({"recovered": out}, judge.id)))
+    assert "judge invalid" not in table and "| recovered | 134.5 | 50.0 |" in table  # pooled: (0·4 + 100·4) / 8

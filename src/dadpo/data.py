@@ -127,9 +127,13 @@ def _messages(row: dict, i: int) -> PromptRecord:
     return _conversation([(m["role"], m["content"]) for m in row["messages"]], i, row)
 
 
+#: fields a plain {"prompt": ...} row may carry its reference answer in, first present wins
+REFERENCE_FIELDS = ("reference", "output", "response", "answer")
+
+
 def _plain(row: dict, i: int) -> PromptRecord:
-    return PromptRecord(str(row.get("id", i)), [_user(row["prompt"])], row.get("reference") or row.get("response"),
-                        row.get("category"))
+    ref = next((row[k] for k in REFERENCE_FIELDS if row.get(k)), None)
+    return PromptRecord(str(row.get("id", i)), [_user(row["prompt"])], ref, row.get("category"))
 
 
 #: format name -> (fields that identify it, normaliser); checked in this order
@@ -265,6 +269,19 @@ def load_prompts(source: str, *, fmt: str | None = None, split: str | None = Non
     if path.is_dir():
         path = _data_file(path)
     return normalise(read_rows(path), str(path), fmt)
+
+
+def prompt_text(record: PromptRecord) -> str:
+    """A record's prompt as compared across sets: its user turns (Dolly's context included), casefolded,
+    whitespace collapsed. Two sets share a prompt when these are equal, whatever ids the rows carry."""
+    return " ".join(" ".join(record.user_turns).split()).casefold()
+
+
+def shared_prompts(records: list[PromptRecord], others: list[PromptRecord]
+                   ) -> list[tuple[PromptRecord, PromptRecord]]:
+    """(record, other) for each of `records` whose `prompt_text` is also one of `others`'."""
+    seen = {prompt_text(o): o for o in others}
+    return [(r, seen[t]) for r in records if (t := prompt_text(r)) in seen]
 
 
 def split_records(records: list[PromptRecord], eval_size: int | float, seed: int = 0

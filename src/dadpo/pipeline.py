@@ -12,8 +12,9 @@ runner's own record of that stage: its `manifest.json` naming the stage (finishe
 nothing to lose. Any other file, link or folder at a stage's path stops the run with a one-line `DadpoError`
 naming it, before anything is touched; so does a `recipe.json` in `output_dir` that is not a recipe record
 (and, for `dadpo bench`, a table or plot in `bench/` without dadpo's bench.json: `dadpo.bench.check_bench_dir`).
-`preflight` runs every check that needs no model (paths, ownership, data sets, model specs that are cheap to
-resolve) before a run writes or deletes anything. `check_removable` is the last guard of every folder dadpo
+`preflight` runs every check that needs no model (paths, ownership, data sets, no evaluation prompt among the
+prune calibration or recover training prompts, model specs that are cheap to resolve) before a run writes or
+deletes anything. `check_removable` is the last guard of every folder dadpo
 deletes, here and in `dadpo prune`/`dadpo recover --overwrite`: never a symbolic link, the current
 directory, a parent of it, the home folder or a filesystem root.
 """
@@ -281,6 +282,7 @@ def check_output_dir(out: Path) -> None:
 def _check_datasets(recipe: Recipe, stages: list[Stage]) -> None:
     """Load every prompt set the stages will read (under the recipe's data_dir); errors name the recipe key."""
     from dadpo.data import load_prompts
+    from dadpo.evaluate.answers import load_eval_set
     from dadpo.prune.api import needs_calibration
 
     folders = [("data_dir", recipe.data_dir), ("evaluate.data_dir", recipe.evaluate and recipe.evaluate.data_dir)]
@@ -290,13 +292,61 @@ def _check_datasets(recipe: Recipe, stages: list[Stage]) -> None:
     sets = [("prune.calib", recipe.prune.calib)] if recipe.prune and needs_calibration(recipe.prune) else []
     if any("prompts" in s.config for s in stages):  # a recover stage (bench recovers without a recover: section)
         sets.append(("prompts", recipe.prompts))
-    sets += [("evaluate.sets", name) for name in (recipe.evaluate.sets if recipe.evaluate else [])]
     with data_dir_env(recipe.data_dir):
         for key, source in sets:
             try:
                 load_prompts(source)
             except DadpoError as e:
                 raise DadpoError(f"{key}: {e}") from None
+        for entry in recipe.evaluate.sets if recipe.evaluate else []:
+            try:
+                load_eval_set(entry, recipe.evaluate.limit, recipe.evaluate.dolly_heldout)
+            except DadpoError as e:
+                raise DadpoError(f"evaluate.sets: {e}") from None
+
+
+def _check_held_out(recipe: Recipe, stages: list[Stage]) -> None:
+    """Refuse a run that would calibrate the pruning or train the recovery on a prompt it evaluates on (e.g.
+    Dolly rows of `evaluate.dolly_heldout`), before any model loads. Prompts are compared by their
+    normalized text (`dadpo.data.prompt_text`), not ids, so a copy of a training row in a set of one's own
+    is caught too. The records are chosen by the stages' own functions, `calibration_records` (prune) and
+    `split_prompts` (recover), so the check sees exactly what they will use (and a `calib_skip` or
+    `skip_prompts` that leaves no prompt fails here too, evaluation or not)."""
+    from dadpo.data import load_prompts, shared_prompts
+    from dadpo.evaluate.answers import load_eval_sets
+    from dadpo.prune.api import needs_calibration
+    from dadpo.prune.importance import calibration_records
+    from dadpo.recover.config import RecoverConfig
+    from dadpo.recover.pipeline import split_prompts
+
+    uses: list[tuple[str, str, list]] = []  # (what the prompts are used for, the key that skips rows, records)
+    with data_dir_env(recipe.data_dir):
+        if recipe.prune and any(s.name == "prune" for s in stages) and needs_calibration(recipe.prune):
+            try:
+                uses.append((f"prune calibration prompts (prune.calib: {recipe.prune.calib})", "prune.calib_skip",
+                             calibration_records(recipe.prune)))
+            except DadpoError as e:
+                raise DadpoError(f"prune.{e}") from None
+        recovers = [s for s in stages if "prompts" in s.config]  # bench recovers without a recover: section
+        records = load_prompts(recipe.prompts) if recovers else []
+        splits = set()
+        for stage in recovers:
+            cfg = RecoverConfig.model_validate({k: stage.config[k] for k in RecoverConfig.model_fields})
+            if (split := (cfg.skip_prompts, cfg.eval_prompts, cfg.train_prompts)) in splits:
+                continue  # bench: every method trains on the same prompts
+            splits.add(split)
+            train, _ = split_prompts(records, cfg, recipe.prompts, key="prompts:")
+            uses.append((f"{stage.name} training prompts (prompts: {recipe.prompts})", "recover.skip_prompts", train))
+        if not (uses and recipe.evaluate and recipe.evaluate.sets):
+            return
+        for name, recs in load_eval_sets(recipe.evaluate).items():
+            for what, skip, used in uses:
+                if shared := shared_prompts(recs, used):
+                    rec, twin = shared[0]
+                    same = f" (id {twin.id!r} there)" if twin.id != rec.id else ""
+                    raise DadpoError(f"evaluate.sets: {len(shared)} of the {len(recs)} prompts of {name} are also "
+                                     f"{what}, e.g. id {rec.id!r}{same}; evaluation prompts must never be trained "
+                                     f"on: skip the rows evaluation holds out with {skip}, or evaluate other prompts")
 
 
 def _check_models(recipe: Recipe) -> None:
@@ -319,11 +369,13 @@ def _check_models(recipe: Recipe) -> None:
 
 def preflight(recipe: Recipe, stages: list[Stage]) -> None:
     """Everything a run can check without loading a model, before it writes or deletes anything: the output
-    paths and who made what is there, the data sets, and the model specs that resolve cheaply."""
+    paths and who made what is there, the data sets, that no evaluation prompt is trained or calibrated on,
+    and the model specs that resolve cheaply."""
     out = Path(recipe.output_dir)
     check_output_dir(out)
     check_stage_dirs(out, stages)
     _check_datasets(recipe, stages)
+    _check_held_out(recipe, stages)
     _check_models(recipe)
 
 

@@ -9,20 +9,45 @@ from pathlib import Path
 
 from dadpo.data import PromptRecord, load_prompts
 from dadpo.errors import DadpoError
-from dadpo.evaluate.config import DOLLY_HELDOUT, EVAL_SETS, EvalConfig
+from dadpo.evaluate.config import DOLLY_HELDOUT, EVAL_SETS, SET_NAME, EvalConfig, split_set
 from dadpo.evaluate.judge import PairItem
 from dadpo.generation import GenerationConfig, generate_to_file
 from dadpo.models import model_stamp
 
 
-def load_eval_set(name: str, limit: int | None = None) -> list[PromptRecord]:
-    """The prompts of an evaluation set (Dolly: its held-out head), first `limit` of them."""
-    if name not in EVAL_SETS:
-        raise DadpoError(f"unknown evaluation set {name!r}; choose from {', '.join(EVAL_SETS)}")
-    records = load_prompts(name)
-    if name == "dolly":
-        records = records[:DOLLY_HELDOUT]
+def load_eval_set(entry: str, limit: int | None = None, dolly_heldout: int = DOLLY_HELDOUT) -> list[PromptRecord]:
+    """The prompts of an evaluation set, first `limit` of them: a built-in name (dolly: the Dolly file's
+    first `dolly_heldout` rows) or NAME=PATH, a prompt file or folder of any format `load_prompts` reads.
+    A missing or unreadable set is a one-line DadpoError naming it."""
+    name, path = split_set(entry)
+    if path is None:
+        if name not in EVAL_SETS:
+            raise DadpoError(f"unknown evaluation set {name!r}; choose from {', '.join(EVAL_SETS)}, "
+                             "or give NAME=PATH")
+        records = load_prompts(name)
+        if name == "dolly":
+            records = records[:dolly_heldout]
+        return records[:limit]
+    if not SET_NAME.fullmatch(name) or name in EVAL_SETS or not path:
+        raise DadpoError(f"evaluation set {entry!r}: expected NAME=PATH with a NAME of letters, digits, _ or - "
+                         "that is not a built-in set")
+    if not Path(path).expanduser().exists():
+        raise DadpoError(f"evaluation set {name!r}: {path} not found (NAME=PATH takes a prompt file or folder)")
+    try:
+        records = load_prompts(str(Path(path).expanduser()))
+    except DadpoError as e:
+        raise DadpoError(f"evaluation set {name!r}: {e}") from None
     return records[:limit]
+
+
+def load_eval_sets(config: EvalConfig) -> dict[str, list[PromptRecord]]:
+    """Every set of `config.sets` by its display name (a built-in name, or the NAME of NAME=PATH)."""
+    return {split_set(s)[0]: load_eval_set(s, config.limit, config.dolly_heldout) for s in config.sets}
+
+
+def has_references(records: list[PromptRecord] | list[dict]) -> bool:
+    """Whether a set carries reference answers (so gets ROUGE-L): some record, or answer row, has one."""
+    return any(r.get("reference") if isinstance(r, dict) else r.reference for r in records)
 
 
 def spec_hash(spec: str) -> str:
@@ -36,11 +61,18 @@ def model_slug(name: str, spec: str) -> str:
     return f"{safe}-{spec_hash(spec)}"
 
 
-def answer_config(config: EvalConfig) -> GenerationConfig:
-    """The generation settings of evaluation answers (part of every cached answer row's stamp)."""
+def answer_config(config: EvalConfig, seed: int | None = None) -> GenerationConfig:
+    """The generation settings of evaluation answers under sampling seed `seed` (default: the first), part of
+    every cached answer row's stamp."""
     g = config.generation
     return GenerationConfig(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                            batch_size=g.batch_size, seed=g.seed, precision=g.precision)
+                            batch_size=g.batch_size, seed=config.seeds[0] if seed is None else seed,
+                            precision=g.precision)
+
+
+def answer_file(folder: Path, set_name: str, seed: int, config: EvalConfig) -> Path:
+    """`<set>.jsonl` for greedy answers, `<set>.seed<k>.jsonl` for those sampled under seed k."""
+    return folder / (f"{set_name}.seed{seed}.jsonl" if config.generation.temperature > 0 else f"{set_name}.jsonl")
 
 
 def generate_answers(
@@ -52,17 +84,20 @@ def generate_answers(
     config: EvalConfig,
     prompts: dict[str, list[PromptRecord]],
     progress: bool = True,
-) -> dict[str, list[dict]]:
-    """Answer every set in `prompts` into `out_dir/answers/<slug>/<set>.jsonl` (resumes, never pays twice;
-    answers of other generation settings or other weights behind the same spec are redone)."""
-    cfg = answer_config(config)
+) -> dict[str, dict[int, list[dict]]]:
+    """Answer every set in `prompts` once per seed of `config.answer_seeds` into
+    `out_dir/answers/<slug>/<set>[.seed<k>].jsonl`: set -> seed -> rows. Resumes and never pays twice;
+    answers of other decoding settings or other weights behind the same spec are redone."""
     folder = Path(out_dir) / "answers" / model_slug(name, spec)
     stamp = model_stamp(spec)
     return {
-        s: generate_to_file(
-            model, tok, recs, cfg, folder / f"{s}.jsonl", model_name=stamp, replace_stale=True,
-            progress=progress,
-        )
+        s: {
+            seed: generate_to_file(
+                model, tok, recs, answer_config(config, seed), answer_file(folder, s, seed, config),
+                model_name=stamp, replace_stale=True, progress=progress,
+            )
+            for seed in config.answer_seeds(has_references(recs))
+        }
         for s, recs in prompts.items()
     }
 
@@ -101,14 +136,3 @@ def _upto_turn(messages: list[dict], turn: int) -> list[dict]:
             if seen == turn:
                 return messages[: k + 1]
     raise DadpoError(f"conversation has no assistant reply for turn {turn + 1}")
-
-
-def rouge_l(rows: list[dict]) -> dict | None:
-    """Mean ROUGE-L F1 (%) of answers against reference answers, over rows that have one."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [
-        scorer.score(r["reference"], r["response"])["rougeL"].fmeasure for r in rows if r.get("reference")
-    ]
-    return {"rougeL": 100 * sum(scores) / len(scores), "n": len(scores)} if scores else None

@@ -16,7 +16,8 @@ under OUT/answers; each (student, teacher) answer pair is judged in both orders 
 verdict is a tie) and verdicts are cached in OUT/verdicts.jsonl, so rerunning the same command after a
 crash or an unreachable judge carries on where it stopped. Reports win/tie/loss, the preference rate
 (win − loss), the adjusted win rate (win + ½ tie) with 95% bootstrap CIs, per-category rows and the
-position-flip rate; ROUGE-L against reference answers (dolly, self_instruct, alpaca_eval); optionally
+position-flip rate; ROUGE-L against reference answers (dolly, self_instruct, alpaca_eval, and a NAME=PATH
+set of your own with a reference/output/response/answer field); optionally
 LLM-Pruner's zero-shot tasks through lm-eval and WikiText-2/PTB perplexity."""
 
 
@@ -25,7 +26,7 @@ def _csv(text: str) -> list[str]:
 
 
 def register(subparsers) -> None:
-    from dadpo.evaluate.config import EVAL_SETS
+    from dadpo.evaluate.config import EvalConfig, GenerationSettings
     from dadpo.evaluate.zeroshot import TASKS
 
     p = subparsers.add_parser(
@@ -48,12 +49,14 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--sets",
-        help=f"evaluation sets, comma-separated, of: {', '.join(EVAL_SETS)} "
-        "(default vicuna_bench; 'none' for no judging)",
+        help=f"evaluation sets, comma-separated: {EvalConfig.model_fields['sets'].description} "
+        f"(default {','.join(EvalConfig().sets)}; 'none' for none)",
     )
     p.add_argument(
-        "--limit", type=int, help="first N prompts of each set (default: all; dolly: its 80 held out)"
+        "--limit", type=int, help="first N prompts of each set (default: all; dolly: its --dolly-heldout rows)"
     )
+    p.add_argument("--dolly-heldout", type=int, help=f"{EvalConfig.model_fields['dolly_heldout'].description} "
+                   f"(default {EvalConfig.model_fields['dolly_heldout'].default})")
     j = p.add_argument_group("judge")
     j.add_argument(
         "--judge",
@@ -87,12 +90,18 @@ def register(subparsers) -> None:
     z.add_argument(
         "--data-dir", help="local data folder for tasks and corpora (default $DADPO_DATA_DIR, else the hub)"
     )
-    g = p.add_argument_group("answer decoding")
-    g.add_argument("--max-new-tokens", type=int, help="tokens per answer (default 256)")
-    g.add_argument("--temperature", type=float, help="0 = greedy (default)")
-    g.add_argument("--batch-size", type=int, help="prompts per generation batch (default 8)")
+    g = p.add_argument_group("answer decoding (ROUGE-L over seeds: MiniLLM's protocol by default)")
+    for flag, kind in (("max_new_tokens", int), ("temperature", float), ("top_p", float), ("batch_size", int)):
+        field = GenerationSettings.model_fields[flag]
+        g.add_argument(f"--{flag.replace('_', '-')}", type=kind, help=f"{field.description} (default {field.default})")
+    g.add_argument("--seeds", help=f"comma-separated; {EvalConfig.model_fields['seeds'].description} "
+                   f"(default {','.join(map(str, EvalConfig().seeds))})")
+    c = p.add_argument_group("comparisons")
+    c.add_argument("--baseline", help=EvalConfig.model_fields["baseline"].description)
+    c.add_argument("--compare", help="more pairs A:B of model names, comma-separated, each reported as A − B "
+                   "with its paired 95%% CI")
     p.add_argument("--bootstrap", type=int, help="bootstrap resamples for the CIs (default 1000)")
-    p.add_argument("--seed", type=int, help="seed for sampling and bootstrap (default 0)")
+    p.add_argument("--seed", type=int, help=f"{EvalConfig.model_fields['seed'].description} (default 0)")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -131,8 +140,20 @@ def build_config(args) -> dict:
             data["seq_lens"] = [int(x) for x in _csv(args.seq_lens)]
         except ValueError:
             raise DadpoError(f"--seq-lens: expected integers, got {args.seq_lens!r}") from None
+    if args.seeds:
+        try:
+            data["seeds"] = [int(x) for x in _csv(args.seeds)]
+        except ValueError:
+            raise DadpoError(f"--seeds: expected integers, got {args.seeds!r}") from None
+    if args.compare:
+        pairs = [item.split(":") for item in _csv(args.compare)]
+        if any(len(p) != 2 or not all(p) for p in pairs):
+            raise DadpoError(f"--compare: expected pairs A:B of model names, got {args.compare!r}")
+        data["compare"] = pairs
     for opt, field in (
         ("limit", "limit"),
+        ("dolly_heldout", "dolly_heldout"),
+        ("baseline", "baseline"),
         ("task_limit", "task_limit"),
         ("data_dir", "data_dir"),
         ("bootstrap", "bootstrap"),
@@ -140,7 +161,7 @@ def build_config(args) -> dict:
     ):
         if getattr(args, opt) is not None:
             data[field] = getattr(args, opt)
-    flags = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "batch_size", "seed")}
+    flags = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "batch_size")}
     flags = {k: v for k, v in flags.items() if v is not None}
     if flags and isinstance(data.get("generation"), dict | None):  # anything else: EvalConfig names it
         data["generation"] = {**(data.get("generation") or {}), **flags}
@@ -182,14 +203,20 @@ def cmd_evaluate(args) -> int:
     results = run_evaluate(students, args.teacher, args.out, config)
     for name, sets in results["pairwise"].items():
         for s, summ in sets.items():
-            print(summary_line(name, s, summ["overall"]))
+            print(summary_line(name, s, summ["overall"], summ.get("validity")))
     print(f"wrote {Path(args.out) / 'report.md'} and results.json")
     return 0
 
 
-def summary_line(name: str, set_name: str, o: dict) -> str:
+def summary_line(name: str, set_name: str, o: dict, validity: dict | None = None) -> str:
     """One student's overall result on one set. With no valid verdict the rates are undefined (NaN, null
-    in results.json) and read "n/a", not "+nan%"."""
+    in results.json) and read "n/a", not "+nan%". A judge that failed the validity check (`validity`,
+    `stats.judge_validity`) gets its reason instead of rates: they measure the judge, not the student."""
+    from dadpo.evaluate.stats import invalid_label
+
+    if flag := invalid_label(validity):
+        return (f"{name} vs teacher on {set_name}: preference n/a, {flag} "
+                f"(n {o['n']}, invalid {o['invalid']}; its rates are kept in results.json)")
 
     def num(value: float | None, fmt: str = ".1f", unit: str = "") -> str:
         return format(value, fmt) + unit if value is not None and math.isfinite(value) else "n/a"

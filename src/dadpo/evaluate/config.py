@@ -12,12 +12,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from dadpo.evaluate.perplexity import CORPORA
 from dadpo.evaluate.zeroshot import TASKS
 
-#: evaluation prompt sets (aliases of `dadpo.data`) and which carry reference answers for ROUGE-L
+#: built-in evaluation prompt sets (aliases of `dadpo.data`); any other set is given as NAME=PATH
 EVAL_SETS = ("dolly", "vicuna_bench", "mt_bench", "self_instruct", "alpaca_eval")
-REFERENCE_SETS = ("dolly", "self_instruct", "alpaca_eval")
-#: Dolly is a training set; its held-out evaluation part is the data folder's first 80 rows
-#: (10 per category, see ../shared/data/README.md), unless a per-set limit asks for fewer
+#: Dolly is a training set; its held-out evaluation part is the data folder's first rows, by default 80
+#: (10 per category, see ../shared/data/README.md): `EvalConfig.dolly_heldout`
 DOLLY_HELDOUT = 80
+#: the NAME of a NAME=PATH set: it names the set in reports and its answer files (answers/<model>/<NAME>.jsonl)
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def split_set(entry: str) -> tuple[str, str | None]:
+    """An `EvalConfig.sets` entry as (name, path): ("dolly", None) for a built-in set, ("mine", "x.jsonl")
+    for `mine=x.jsonl`."""
+    name, sep, path = entry.partition("=")
+    return (name.strip(), path.strip()) if sep else (entry, None)
 
 #: the environment variables a recipe or config file may name as the judge's API key: it is sent to a
 #: `base_url` the file's author chose, and recipes are shared, so never e.g. HOME or AWS_SECRET_ACCESS_KEY
@@ -67,15 +75,15 @@ class JudgeConfig(BaseModel):
 
 
 class GenerationSettings(BaseModel):
-    """Answer decoding: greedy by default."""
+    """Answer decoding, by default MiniLLM's protocol: pure sampling (temperature 1, top-p 1), 256 new tokens;
+    one set of answers per seed in `EvalConfig.seeds`. Temperature 0 is greedy (one set of answers)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(0.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    batch_size: int = Field(8, ge=1)
-    seed: int = 0
+    max_new_tokens: int = Field(256, ge=1, description="answer length cap in tokens")
+    temperature: float = Field(1.0, ge=0, allow_inf_nan=False, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    batch_size: int = Field(16, ge=1, description="prompts decoded at once")
     precision: Literal["auto", "model", "bfloat16"] = Field(
         "auto", description="auto: bf16 matmuls on CPUs with AMX when sampling, else the model's dtype")
 
@@ -86,7 +94,15 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sets: list[str] = Field(
-        default_factory=lambda: ["vicuna_bench"], description=f"of {', '.join(EVAL_SETS)}"
+        default_factory=lambda: ["dolly", "vicuna_bench"],
+        description=f"of {', '.join(EVAL_SETS)}, or NAME=PATH: a prompt file or folder of your own (any format "
+        "dadpo reads; a reference/output/response/answer field gives ROUGE-L), reported as NAME",
+    )
+    dolly_heldout: int = Field(
+        DOLLY_HELDOUT, ge=1,
+        description="the dolly set is the Dolly file's first N rows (the first 80: 10 per category); these rows "
+        "must never be trained on (a recipe whose prune calibration or recover training shares a prompt with "
+        "an evaluation set is refused). More, e.g. 300, give tighter CIs",
     )
     limit: int | None = Field(None, ge=1, description="first N prompts of each set")
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
@@ -101,16 +117,50 @@ class EvalConfig(BaseModel):
     ppl_corpora: list[str] = Field(default_factory=list, description=f"of {', '.join(CORPORA)} or text files")
     seq_lens: list[int] = Field(default_factory=lambda: [128], description="perplexity window lengths")
     ppl_max_windows: int | None = Field(None, ge=1, description="perplexity on the first N windows (None = all)")
+    seeds: list[int] = Field(
+        default_factory=lambda: [10, 20, 30],
+        description="sampling seeds: sets with references are answered once per seed and ROUGE-L is averaged "
+                    "over them; other sets (and the judge) use the first seed's answers",
+    )
+    baseline: str | None = Field(
+        None, description="the model every other one is compared with (paired CIs); default: the first student")
+    compare: list[tuple[str, str]] = Field(
+        default_factory=list, description="more pairs [a, b] of model names to compare (a − b, paired CI)")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the 95% CIs")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the bootstrap resampling")
 
     @field_validator("sets")
     @classmethod
     def _sets(cls, v: list[str]) -> list[str]:
-        bad = [s for s in v if s not in EVAL_SETS]
+        v = list(dict.fromkeys(v))
+        bad = [s for s in v if "=" not in s and s not in EVAL_SETS]
         if bad:
-            raise ValueError(f"unknown {', '.join(bad)} (evaluation sets are {', '.join(EVAL_SETS)})")
-        return list(dict.fromkeys(v))
+            raise ValueError(f"unknown {', '.join(bad)} (evaluation sets are {', '.join(EVAL_SETS)}, "
+                             "or NAME=PATH for a prompt file of your own)")
+        seen: set[str] = set()
+        for entry in v:
+            name, path = split_set(entry)
+            if path is not None:
+                if not SET_NAME.fullmatch(name):
+                    raise ValueError(f"{entry!r}: the NAME of NAME=PATH must be letters, digits, _ or - (at most "
+                                     "64, starting with a letter or digit); it names the set's answer files")
+                if name in EVAL_SETS:
+                    raise ValueError(f"{entry!r}: {name} is a built-in set; give your set another NAME")
+                if not path:
+                    raise ValueError(f"{entry!r}: give the PATH of NAME=PATH")
+            if name in seen:
+                raise ValueError(f"two evaluation sets are named {name}; give each its own NAME")
+            seen.add(name)
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("give at least one seed")
+        if len(set(v)) != len(v):
+            raise ValueError(f"repeated seed in {v}")
+        return v
 
     @field_validator("tasks")
     @classmethod
@@ -126,6 +176,11 @@ class EvalConfig(BaseModel):
         if any(s < 2 for s in v):
             raise ValueError(f"every window length must be ≥ 2, got {v}")
         return v
+
+    def answer_seeds(self, has_references: bool) -> list[int]:
+        """The seeds a set is answered with: all of `seeds` for a set with references when sampling; only the
+        first otherwise (greedy answers do not depend on the seed; the judge reads one set of answers)."""
+        return list(self.seeds) if has_references and self.generation.temperature > 0 else self.seeds[:1]
 
     @model_validator(mode="after")
     def _something_to_do(self) -> EvalConfig:

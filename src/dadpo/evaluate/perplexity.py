@@ -8,6 +8,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -63,11 +64,22 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 128, batch_size: int 
         raise DadpoError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)[::window_stride][:max_windows or None]
     n_windows = len(windows)
-    nll, count = 0.0, 0
+    per_window = []  # mean token NLL of each window (all windows predict seq_len - 1 tokens)
     for start in tqdm(range(0, n_windows, batch_size), desc=f"perplexity@{seq_len}", disable=not progress):
         batch = windows[start:start + batch_size].to(model.device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
-        nll += torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum").item()
-        count += batch[:, 1:].numel()
-    return {"ppl": math.exp(nll / count), "seq_len": seq_len, "windows": n_windows, "tokens": count}
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")
+        per_window += nll.mean(1).tolist()
+    mean = sum(per_window) / n_windows
+    return {"ppl": math.exp(mean), "ppl_ci95": window_ci(per_window), "seq_len": seq_len, "windows": n_windows,
+            "tokens": n_windows * (seq_len - 1)}
+
+
+def window_ci(per_window: list[float], samples: int = 1000, seed: int = 0) -> list[float] | None:
+    """95% percentile-bootstrap CI of the perplexity, windows resampled with replacement (adjacent windows
+    of one text are not independent, so this is a lower bound on the uncertainty)."""
+    if len(per_window) < 2:
+        return None
+    x = np.asarray(per_window)
+    means = x[np.random.default_rng(seed).integers(0, len(x), size=(samples, len(x)))].mean(1)
+    return [math.exp(v) for v in np.percentile(means, [2.5, 97.5])]

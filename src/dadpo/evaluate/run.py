@@ -20,18 +20,18 @@ from dadpo.errors import DadpoError
 from dadpo.evaluate.answers import (
     answer_config,
     generate_answers,
-    load_eval_set,
+    load_eval_sets,
     model_slug,
     pair_items,
-    rouge_l,
     spec_hash,
 )
 from dadpo.evaluate.backends import Judge, LocalJudge, OpenAIJudge
-from dadpo.evaluate.config import REFERENCE_SETS, EvalConfig, JudgeConfig
+from dadpo.evaluate.config import EvalConfig, JudgeConfig
 from dadpo.evaluate.judge import VerdictCache
 from dadpo.evaluate.perplexity import load_corpus, perplexity
+from dadpo.evaluate.reference import diagnostics, paired_difference, prompt_scores, seed_average, seed_summary
 from dadpo.evaluate.report import write_plots, write_report
-from dadpo.evaluate.stats import calibrated_margin, combine, pairwise_summary, summarize
+from dadpo.evaluate.stats import calibrated_margin, combine, judge_validity, pairwise_summary, summarize
 from dadpo.evaluate.zeroshot import run_zeroshot
 from dadpo.io import atomic_write_json, atomic_write_text, read_jsonl
 from dadpo.models import model_stamp
@@ -114,7 +114,16 @@ def judge_student(
     config: EvalConfig,
     progress: bool = True,
 ) -> dict:
-    """Judge one student's answers against the teacher's in both orders; summary per set."""
+    """Judge one student's answers against the teacher's in both orders; summary per set.
+
+    Each set's summary carries `validity` (`stats.judge_validity`): whether the judge's discrete verdicts
+    depend on the answers at all. An invalid judge's rates stay in the summary, flagged; reports print the
+    reason in their place. A local judge also gets `calibrated`, a different measurement: the sign of its
+    log-prob margin with the student as A minus its margin with the student as B, which cancels a constant
+    pull towards one position. It is kept when the verdicts are invalid, because position bias is exactly
+    what it removes (a judge that always answers [[A]] may still move its log-probs with content), but the
+    validity check does not cover it (it has no flips or letters to test), so reports label it as the
+    log-prob reading of a judge whose verdicts failed the check, not as the judge's result."""
     out = {}
     for set_name, rows in student.items():
         triples = pair_items(set_name, rows, teacher[set_name])
@@ -126,6 +135,10 @@ def judge_student(
         ]
         out[set_name] = pairwise_summary(pairs, samples=config.bootstrap, seed=config.seed)
         out[set_name]["invalid_verdicts"] = sum(v["verdict"] is None for v in verdicts)
+        out[set_name]["validity"] = judge_validity(
+            [(verdicts[2 * k]["verdict"], verdicts[2 * k + 1]["verdict"]) for k in range(len(triples))],
+            identical=[a.conv_a == a.conv_b for _, a, _ in triples],
+        )
         if all("logprobs" in v for v in verdicts):  # a local judge: add its position-calibrated reading
             margins = [
                 calibrated_margin(verdicts[2 * k]["logprobs"], verdicts[2 * k + 1]["logprobs"])
@@ -143,12 +156,13 @@ def seed_caches(out_dir: Path, reuse: Sequence[str | os.PathLike], models: dict[
     (answers, zero-shot/perplexity metrics, judge verdicts), so `dadpo bench` does not redo `dadpo run`'s work.
     Only finished files are taken; answers must carry the same model stamp (spec and weights) and generation
     settings, and metrics are still checked against their cache key when used."""
-    generation = asdict(answer_config(config))
-    auto = generation["precision"] == "auto"  # resolved per model when answering; compared there again
-
     def same_settings(row: dict) -> bool:
         theirs = row.get("generation") or {}
-        return theirs == generation or (auto and {**theirs, "precision": "auto"} == generation)
+        if theirs.get("seed") not in config.seeds:
+            return False
+        ours = asdict(answer_config(config, theirs["seed"]))
+        auto = ours["precision"] == "auto"  # resolved per model when answering; compared there again
+        return theirs == ours or (auto and {**theirs, "precision": "auto"} == ours)
 
     stamps = {spec: model_stamp(spec) for spec in set(models.values())}
     verdicts = VerdictCache(out_dir / "verdicts.jsonl")
@@ -190,18 +204,23 @@ def run_evaluate(
         raise DadpoError("no student to evaluate")
     if "teacher" in students:
         raise DadpoError("a student may not be named 'teacher'")
+    models = {"teacher": teacher, **students}
+    pairs = comparison_pairs(config, list(students))
+    for a, b in pairs:
+        for n in (a, b):
+            if n not in models:
+                raise DadpoError(f"evaluate.baseline/compare: no model named {n!r} (models: {', '.join(models)})")
     out_dir = Path(out_dir)
     # cheap checks first: a missing API key, a bad spec or set fails now, not after an hour of work, and
     # before out_dir is made, so a refused run leaves no empty folder behind
     judge = make_judge(config.judge) if config.judge and config.judge.kind == "openai" and config.sets else None
+    prompts = load_eval_sets(config)  # by display name: a built-in set's, or NAME of NAME=PATH
     local_judge = [config.judge.model] if config.judge and config.judge.kind == "local" and config.sets else []
     for spec in dict.fromkeys([teacher, *students.values(), *local_judge]):
         load_tokenizer(spec)  # resolves the spec and reads its config and tokenizer: seconds, no weights
-    prompts = {s: load_eval_set(s, config.limit) for s in config.sets}
     for corpus in config.ppl_corpora:
         load_corpus(corpus, _data_dir(config))
     out_dir.mkdir(parents=True, exist_ok=True)
-    models = {"teacher": teacher, **students}
     seed_caches(out_dir, reuse, models, config)
     answers, metrics = {}, {}
     keep_for_judge = {}
@@ -219,12 +238,15 @@ def run_evaluate(
         judge = judge or make_judge(config.judge, keep_for_judge)
         cache = VerdictCache(out_dir / "verdicts.jsonl")
         for name in students:
-            pairwise[name] = judge_student(judge, cache, answers[name], answers["teacher"], config, progress)
+            pairwise[name] = judge_student(judge, cache, first_seed(answers[name]), first_seed(answers["teacher"]),
+                                           config, progress)
+    blocks = {name: _model_block(metrics[name], answers[name], config) for name in models}
     results = {
-        "teacher": {"spec": teacher, **_model_block(metrics["teacher"], answers["teacher"])},
-        "students": {n: {"spec": s, **_model_block(metrics[n], answers[n])} for n, s in students.items()},
+        "teacher": {"spec": teacher, **blocks["teacher"]},
+        "students": {n: {"spec": s, **blocks[n]} for n, s in students.items()},
         "judge": judge.id if pairwise else None,
         "pairwise": pairwise,
+        "comparisons": compare(blocks, pairs, config),
         "config": config.model_dump(),
     }
     results["plots"] = write_plots(results, out_dir)
@@ -233,7 +255,39 @@ def run_evaluate(
     return results
 
 
-def _model_block(metrics: dict, answers: dict[str, list[dict]]) -> dict:
-    rouge = {s: r for s, rows in answers.items() if s in REFERENCE_SETS and (r := rouge_l(rows))}
-    lengths = {s: sum(r["new_tokens"] for r in rows) / len(rows) for s, rows in answers.items() if rows}
-    return {**metrics, "rouge": rouge, "answer_tokens": lengths}
+def first_seed(answers: dict[str, dict[int, list[dict]]]) -> dict[str, list[dict]]:
+    """Each set's answers under its first seed (what the judge reads)."""
+    return {s: next(iter(by_seed.values())) for s, by_seed in answers.items()}
+
+
+def comparison_pairs(config: EvalConfig, students: list[str]) -> list[tuple[str, str]]:
+    """(a, b) pairs whose paired difference a − b is reported: every other model against the baseline
+    (default: the first student, e.g. the unrecovered prune), then `config.compare`."""
+    base = config.baseline or students[0]
+    pairs = [(m, base) for m in ["teacher", *students] if m != base]
+    return list(dict.fromkeys(pairs + [tuple(p) for p in config.compare]))
+
+
+def compare(blocks: dict[str, dict], pairs: list[tuple[str, str]], config: EvalConfig) -> list[dict]:
+    """Paired ROUGE-L differences per reference set, on seed-averaged per-prompt scores."""
+    out = []
+    for a, b in pairs:
+        for s in blocks[a].get("rouge", {}):
+            if s in blocks[b].get("rouge", {}):
+                diff = paired_difference(blocks[a]["rouge"][s]["prompts"], blocks[b]["rouge"][s]["prompts"],
+                                         samples=config.bootstrap, seed=config.seed)
+                out.append({"set": s, "a": a, "b": b, **diff})
+    return out
+
+
+def _model_block(metrics: dict, answers: dict[str, dict[int, list[dict]]], config: EvalConfig) -> dict:
+    """A model's results: its metrics, per reference set ROUGE-L over seeds (with the seed-averaged score of
+    every prompt, for paired comparisons), and per set the degeneration diagnostics of all its answers."""
+    rouge = {}
+    for s, by_seed in answers.items():
+        per_seed = {seed: scores for seed, rows in by_seed.items() if (scores := prompt_scores(rows))}
+        if per_seed:
+            summary = seed_summary(per_seed, samples=config.bootstrap, seed=config.seed)
+            rouge[s] = {**summary, "prompts": seed_average(per_seed)}
+    diag = {s: diagnostics([r for rows in by_seed.values() for r in rows]) for s, by_seed in answers.items()}
+    return {**metrics, "rouge": rouge, "diagnostics": diag}

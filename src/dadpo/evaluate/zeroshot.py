@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,43 @@ ACC_ONLY = ("boolq", "winogrande")
 _ACC_NORM = "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
 
 TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+#: the one zero-shot metric per task, LLM-Pruner's: acc_norm where the answers' lengths differ enough for
+#: length normalisation to matter, acc elsewhere. report.md, its plots and `dadpo bench` all score with it.
+TASK_METRIC = {"boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogrande": "acc", "arc_easy": "acc",
+               "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
+#: normal quantile of a two-sided 95% interval: value ± Z95·SE
+Z95 = 1.96
+
+
+def zeroshot_summary(zs: dict) -> dict:
+    """`run_zeroshot`'s results scored one way: each task's `TASK_METRIC` in % with its binomial standard
+    error SE = sqrt(p(1−p)/n) over the n items scored, and the unweighted mean over tasks with the pooled
+    SE = sqrt(Σ SE_t²)/T (tasks independent). Returns {"mean", "se", "tasks": {task: {"metric", "value",
+    "se", "n"}}}. A task without its metric is left out; without n a task's SE (and so the mean's) is None.
+    n is lm-eval's effective sample count (`run_zeroshot`'s "n"). At p = 0 or 1 the SE is 0 (the normal
+    approximation's blind spot with few items), so read a perfect or null score on a small n with care."""
+    tasks = {}
+    for task, r in zs.items():
+        metric = TASK_METRIC.get(task)
+        if metric is None or r.get(metric) is None:
+            continue
+        p, n = r[metric], r.get("n")
+        se = 100 * math.sqrt(p * (1 - p) / n) if n else None
+        tasks[task] = {"metric": metric, "value": 100 * p, "se": se, "n": n}
+    ses = [t["se"] for t in tasks.values()]
+    return {
+        "mean": sum(t["value"] for t in tasks.values()) / len(tasks) if tasks else None,
+        "se": math.sqrt(sum(s * s for s in ses)) / len(ses) if ses and None not in ses else None,
+        "tasks": tasks,
+    }
+
+
+def pm95(value: float | None, se: float | None) -> str:
+    """"v ± h" with h the 95% half-width Z95·SE (just "v" when the SE is unknown, "–" without a value)."""
+    if value is None:
+        return "–"
+    return f"{value:.1f}" + ("" if se is None else f" ± {Z95 * se:.1f}")
 
 
 def _read_jsonl(path: Path) -> Iterator[dict]:

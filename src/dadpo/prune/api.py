@@ -185,9 +185,9 @@ def prune_to_dir(model_spec: str, out_dir, config: PruneConfig, overwrite: bool 
     with torch.device("meta"):  # shapes only: check the range and the ratio before loading weights
         check_reachable(AutoModelForCausalLM.from_config(model_config), config)
     if needs_calibration(config):
-        from dadpo.data import load_prompts
+        from dadpo.prune.importance import calibration_records
 
-        load_prompts(config.calib)  # fail on a bad --calib before loading the model
+        calibration_records(config)  # fail on a bad --calib or --calib-skip before loading the model
     text = load_corpus(config.ppl_corpus) if config.ppl_max_windows != 0 else None
 
     model, tok = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)

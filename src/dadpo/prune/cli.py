@@ -38,6 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--calib", default="dolly",
                    help="calibration prompt set (alias under $DADPO_DATA_DIR, file, hub id)")
     p.add_argument("--calib-samples", type=int, default=default("calib_samples"), help="calibration sequences")
+    p.add_argument("--calib-skip", type=int, default=default("calib_skip"),
+                   help=PruneConfig.model_fields["calib_skip"].description)
     p.add_argument("--calib-max-len", type=int, default=default("calib_max_len"),
                    help="tokens per calibration sequence")
     p.add_argument("--calib-batch-size", type=int, default=default("calib_batch_size"),
@@ -63,9 +65,9 @@ def cmd_prune(args) -> int:
     from dadpo.prune.api import prune_to_dir
     from dadpo.prune.config import PruneConfig, config_error
 
-    fields = ("ratio", "importance", "targets", "layers", "allocation", "calib", "calib_samples", "calib_max_len",
-              "calib_batch_size", "reconstruct", "reconstruct_damping", "mlp_round_to", "seed", "ppl_seq_len",
-              "ppl_max_windows")
+    fields = ("ratio", "importance", "targets", "layers", "allocation", "calib", "calib_samples", "calib_skip",
+              "calib_max_len", "calib_batch_size", "reconstruct", "reconstruct_damping", "mlp_round_to", "seed",
+              "ppl_seq_len", "ppl_max_windows")
     try:
         config = PruneConfig(**{f: getattr(args, f) for f in fields})
     except ValidationError as e:

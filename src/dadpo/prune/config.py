@@ -28,7 +28,9 @@ class PruneConfig(BaseModel):
     layers: str | None = Field(None, description='decoder layers to prune, "start:end" (Python slice), None = all')
     allocation: Literal["uniform", "global"] = "uniform"
     calib: str = Field("dolly", description="prompt set for calibration (alias, file or hub id)")
-    calib_samples: int = Field(64, ge=1)
+    calib_samples: int = Field(64, ge=1, description="calibration sequences, sampled (seeded) from the set")
+    calib_skip: int = Field(0, ge=0, description="sample calibration prompts only from the rows after the first "
+                            "N of the set, e.g. the rows an evaluation set holds out (Dolly: evaluate.dolly_heldout)")
     calib_max_len: int = Field(512, ge=8, description="tokens per calibration sequence (prompt + reference)")
     calib_batch_size: int = Field(1, ge=1, description="Taylor takes |w·g| per batch: 1 = per sample (best)")
     reconstruct: bool = Field(True, description="least-squares refit of down_proj/o_proj kept columns on the "

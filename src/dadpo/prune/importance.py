@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dadpo.data import PromptRecord, load_prompts
+from dadpo.errors import DadpoError
 from dadpo.prune.config import PruneConfig
 
 log = logging.getLogger(__name__)
@@ -70,13 +72,21 @@ def _part_cost(part: Part) -> int:
     return lin.in_features + (lin.bias is not None) if side == "out" else lin.out_features
 
 
+def calibration_records(config: PruneConfig) -> list[PromptRecord]:
+    """The calibration prompts: `calib_samples` of the set's rows after the first `calib_skip`, sampled with
+    `seed`. Pure (no model), so a run's checks see exactly the prompts pruning will calibrate on."""
+    records = load_prompts(config.calib)
+    if config.calib_skip >= len(records):
+        raise DadpoError(f"calib_skip: {config.calib_skip} skips every one of the {len(records)} prompts of "
+                         f"{config.calib}")
+    records = records[config.calib_skip:]
+    rng = random.Random(config.seed)
+    return rng.sample(records, min(config.calib_samples, len(records)))
+
+
 def calibration_batches(tokenizer, config: PruneConfig) -> list[dict[str, torch.Tensor]]:
     """Chat-formatted calibration sequences (prompt + reference answer when the set has one), right-padded."""
-    from dadpo.data import load_prompts
-
-    records = load_prompts(config.calib)
-    rng = random.Random(config.seed)
-    records = rng.sample(records, min(config.calib_samples, len(records)))
+    records = calibration_records(config)
     texts = []
     for r in records:
         msgs = r.messages + ([{"role": "assistant", "content": r.reference}] if r.reference else [])

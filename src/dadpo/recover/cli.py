@@ -41,9 +41,11 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=_D.seed, help="seed for sampling, data order and init")
     p.add_argument("--warmup-ratio", type=float, default=_D.warmup_ratio, help="linear warmup fraction")
     p.add_argument("--save-steps", type=int, default=_D.save_steps, help="checkpoint every N steps")
+    p.add_argument("--skip-prompts", type=int, default=_D.skip_prompts,
+                   help=RecoverConfig.model_fields["skip_prompts"].description)
     p.add_argument("--train-prompts", type=int, default=None, help="train on N prompts (default: all)")
     p.add_argument("--eval-prompts", type=int, default=_D.eval_prompts,
-                   help="hold out the first N prompts for evaluation pairs and NLL")
+                   help="hold out the first N prompts (after --skip-prompts) for evaluation pairs and NLL")
     g = p.add_argument_group("token KD")
     g.add_argument("--kd-kind", choices=["fwd", "rev", "jsd"], default=_KD.kind, help="divergence")
     g.add_argument("--kd-top-k", type=int, default=_KD.top_k, help="teacher log-probs cached per position")
@@ -80,7 +82,7 @@ def config_from_args(args) -> RecoverConfig:
         "max_response_len": args.max_response_len, "bf16": args.bf16, "seed": args.seed,
         "activation_checkpointing": args.activation_checkpointing,
         "warmup_ratio": args.warmup_ratio, "save_steps": args.save_steps, "train_prompts": args.train_prompts,
-        "eval_prompts": args.eval_prompts, "lora": lora,
+        "skip_prompts": args.skip_prompts, "eval_prompts": args.eval_prompts, "lora": lora,
         "kd": {"kind": args.kd_kind, "top_k": args.kd_top_k, "weight": args.kd_weight,
                "jsd_beta": args.kd_jsd_beta},
         "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,

@@ -88,8 +88,11 @@ class RecoverConfig(_Section):
     seed: int = 0
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     save_steps: int = Field(50, ge=1, description="Trainer checkpoint every N optimizer steps (resume point)")
+    skip_prompts: int = Field(0, ge=0, description="ignore the first N prompts of the set, e.g. the rows an "
+                              "evaluation set holds out (Dolly: evaluate.dolly_heldout); never trained on")
     train_prompts: int | None = Field(None, ge=1, description="train on this many prompts (after the held-out)")
-    eval_prompts: int = Field(0, ge=0, description="first N prompts held out for evaluation pairs")
+    eval_prompts: int = Field(0, ge=0, description="first N prompts (after the skipped) held out for evaluation "
+                              "pairs and NLL")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     dsft: DSFTConfig = Field(default_factory=DSFTConfig)
 

@@ -50,7 +50,7 @@ def run_recover(student: str, teacher: str, prompts: str, out_dir: str | os.Path
     """
     cfg = config if isinstance(config, RecoverConfig) else RecoverConfig.parse(config or {})
     out = Path(out_dir)
-    train_recs, eval_recs = _split(load_prompts(prompts), cfg, prompts)
+    train_recs, eval_recs = split_prompts(load_prompts(prompts), cfg, prompts)
     tok = check_same_vocab(student, teacher)
     # models by spec and content (`model_stamp`): a folder rewritten in place is another run, not this one
     manifest = {"student": model_stamp(student), "teacher": model_stamp(teacher), "prompts": str(prompts),
@@ -91,15 +91,18 @@ def run_recover(student: str, teacher: str, prompts: str, out_dir: str | os.Path
     return metrics
 
 
-def _split(records: list[PromptRecord], cfg: RecoverConfig, source: str
-           ) -> tuple[list[PromptRecord], list[PromptRecord]]:
-    """Held-out = the first `eval_prompts` records; train = the next `train_prompts` (default: the rest)."""
-    eval_recs = records[: cfg.eval_prompts]
-    rest = records[cfg.eval_prompts:]
+def split_prompts(records: list[PromptRecord], cfg: RecoverConfig, source: str, key: str = "--prompts"
+                  ) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """(train, held-out) of a prompt set: the first `skip_prompts` records are ignored, the next `eval_prompts`
+    held out, and the next `train_prompts` (default: the rest) trained on. Pure (no model), so a run's checks
+    see exactly the prompts recover will train on."""
+    kept = records[cfg.skip_prompts:]
+    eval_recs = kept[: cfg.eval_prompts]
+    rest = kept[cfg.eval_prompts:]
     train = rest[: cfg.train_prompts] if cfg.train_prompts else rest
     if not train:
-        raise DadpoError(f"--prompts {source}: no training prompts left ({len(records)} prompts, "
-                         f"{cfg.eval_prompts} held out)")
+        raise DadpoError(f"{key} {source}: no training prompts left ({len(records)} prompts, "
+                         f"{cfg.skip_prompts} skipped, {cfg.eval_prompts} held out)")
     return train, eval_recs
 
 
