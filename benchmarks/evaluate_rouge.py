@@ -7,7 +7,8 @@ Usage:
 
 Runs `dadpo.evaluate.run_evaluate` (MiniLLM's decoding: temperature 1, top-p 1; no judge, no zero-shot) and
 prints per set and model ROUGE-L mean ± std over seeds, the paired difference of every model from the
-baseline (the first student) with its 95% CI and half-width, the degeneration diagnostics, and the wall
+baseline (the first student) with its 95% CI and half-width, how that half-width shrinks with the number
+of prompts and seeds (the first n prompts, the first k seeds), the degeneration diagnostics, and the wall
 time of the whole run. Answers are cached in --out: a rerun only recomputes the statistics.
 """
 
@@ -17,10 +18,32 @@ import argparse
 import json
 import platform
 import time
+from pathlib import Path
 
 import torch
 
 from dadpo.evaluate import EvalConfig, run_evaluate
+from dadpo.evaluate.answers import answer_file, model_slug
+from dadpo.evaluate.reference import paired_difference, prompt_scores, seed_average
+from dadpo.io import read_jsonl
+
+
+def half_widths(out: str, config: EvalConfig, specs: dict[str, str], a: str, b: str, s: str) -> None:
+    """Half-width of the paired CI of a − b on set `s` for the first n prompts and the first k seeds."""
+    def scores(name: str) -> dict[int, dict[str, float]]:
+        folder = Path(out) / "answers" / model_slug(name, specs[name])
+        return {k: prompt_scores(read_jsonl(answer_file(folder, s, k, config))) for k in config.seeds}
+
+    sa, sb = scores(a), scores(b)
+    ids = list(sa[config.seeds[0]])
+    for k in range(1, len(config.seeds) + 1):
+        seeds = config.seeds[:k]
+        ma, mb = seed_average({x: sa[x] for x in seeds}), seed_average({x: sb[x] for x in seeds})
+        for n in sorted({80, 150, 200, 300, len(ids)}):
+            if n <= len(ids):
+                d = paired_difference({i: ma[i] for i in ids[:n]}, {i: mb[i] for i in ids[:n]})
+                lo, hi = d["ci95"]
+                print(f"  {k} seed(s), {n} prompts: {d['delta']:+.2f}, half-width {(hi - lo) / 2:.2f}")
 
 
 def main() -> None:
@@ -64,6 +87,7 @@ def main() -> None:
                 lo, hi = c["ci95"]
                 print(f"{c['a']} − {c['b']}: {c['delta']:+.2f} [{lo:+.2f}, {hi:+.2f}], half-width "
                       f"{(hi - lo) / 2:.2f}, n={c['n']}")
+                half_widths(args.out, config, {"teacher": args.teacher, **students}, c["a"], c["b"], s)
     with open(f"{args.out}/summary.json", "w") as f:
         json.dump({"seconds": took, "comparisons": res["comparisons"],
                    "models": {n: {"rouge": {s: {k: v for k, v in r.items() if k != "prompts"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -57,3 +58,21 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Write `rows` as a JSONL file at `path`; returns the path."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if anything loads a model or a tokenizer: what it checks must come before that."""
+    import dadpo.models
+
+    def refuse(*a, **k):
+        raise AssertionError("a model or tokenizer was loaded before the check under test")
+
+    monkeypatch.setattr(dadpo.models, "load_model", refuse)
+    monkeypatch.setattr(dadpo.models, "load_tokenizer", refuse)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, write_jsonl
 from dadpo.data import load_prompts, prompt_text
 from dadpo.errors import DadpoError
 from dadpo.evaluate.answers import has_references, load_eval_set, load_eval_sets
@@ -16,30 +16,13 @@ from dadpo.evaluate.config import EvalConfig
 from dadpo.recipe import validate_recipe
 
 
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture
 def mine(tmp_path) -> Path:
-    return _jsonl(tmp_path / "mine.jsonl", [
+    return write_jsonl(tmp_path / "mine.jsonl", [
         {"id": "a", "prompt": "Name a prime number.", "reference": "Seven is a prime number."},
         {"id": "b", "prompt": "What colour is the sky?", "reference": "The sky is blue."},
         {"id": "c", "prompt": "Say hello.", "reference": "Hello!"},
     ])
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fail the test if anything loads a tokenizer or a model: bad sets must be refused before that."""
-    import dadpo.models
-
-    def refuse(*a, **k):
-        raise AssertionError("a model was loaded before the evaluation sets were checked")
-
-    monkeypatch.setattr(dadpo.models, "load_model", refuse)
-    monkeypatch.setattr(dadpo.models, "load_tokenizer", refuse)
 
 
 def test_a_set_of_ones_own_loads_with_references_under_its_name(mine):
@@ -54,7 +37,7 @@ def test_a_set_of_ones_own_loads_with_references_under_its_name(mine):
 
 @pytest.mark.parametrize("field", ["reference", "output", "response", "answer"])
 def test_a_plain_prompt_file_takes_its_reference_from_any_usual_field(tmp_path, field):
-    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "2 + 2?", field: "4"}, {"prompt": "3 + 3?"}])
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2 + 2?", field: "4"}, {"prompt": "3 + 3?"}])
     recs = load_prompts(str(path))
     assert [r.reference for r in recs] == ["4", None]
     assert has_references(recs)
@@ -76,8 +59,8 @@ def test_dolly_heldout_is_a_setting(data_aliases):
 
 
 def test_custom_set_prompt_text_ignores_case_spacing_and_ids(tmp_path):
-    a = _jsonl(tmp_path / "a.jsonl", [{"id": "1", "prompt": "Name  a\nPrime number."}])
-    b = _jsonl(tmp_path / "b.jsonl", [{"id": "x", "prompt": "name a prime NUMBER."}])
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": "1", "prompt": "Name  a\nPrime number."}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"id": "x", "prompt": "name a prime NUMBER."}])
     assert prompt_text(load_prompts(str(a))[0]) == prompt_text(load_prompts(str(b))[0]) == "name a prime number."
 
 
@@ -106,7 +89,7 @@ def _bad_json(tmp_path: Path) -> Path:
 
 
 def _unknown_format(tmp_path: Path) -> Path:
-    return _jsonl(tmp_path / "odd.jsonl", [{"question": "no prompt field"}])
+    return write_jsonl(tmp_path / "odd.jsonl", [{"question": "no prompt field"}])
 
 
 @pytest.mark.parametrize(("sets", "needle"), [

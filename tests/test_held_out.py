@@ -4,13 +4,12 @@ before any model loads or anything is written; `prune.calib_skip` and `recover.s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import run_cli, write_jsonl
 from dadpo.data import load_prompts
 from dadpo.errors import DadpoError
 from dadpo.pipeline import BENCH_METHODS, bench_plan, plan, preflight
@@ -21,23 +20,6 @@ from dadpo.recover.config import RecoverConfig
 from dadpo.recover.pipeline import split_prompts
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fail the test if anything loads a model or tokenizer: the check must come first."""
-    import dadpo.models
-
-    def refuse(*a, **k):
-        raise AssertionError("a model was loaded before the held-out check")
-
-    monkeypatch.setattr(dadpo.models, "load_model", refuse)
-    monkeypatch.setattr(dadpo.models, "load_tokenizer", refuse)
 
 
 def _recipe_file(tmp_path: Path, **sections) -> Path:
@@ -67,7 +49,7 @@ def test_split_prompts_skips_then_holds_out_then_trains():
 
 
 def test_calibration_records_sample_after_the_skipped_rows(tmp_path):
-    calib = _jsonl(tmp_path / "c.jsonl", [{"id": str(i), "prompt": f"question {i}"} for i in range(40)])
+    calib = write_jsonl(tmp_path / "c.jsonl", [{"id": str(i), "prompt": f"question {i}"} for i in range(40)])
     plain = calibration_records(PruneConfig(calib=str(calib), calib_samples=8, seed=3))
     assert plain == calibration_records(PruneConfig(calib=str(calib), calib_samples=8, seed=3))  # deterministic
     skipped = calibration_records(PruneConfig(calib=str(calib), calib_samples=30, calib_skip=10, seed=3))
@@ -121,10 +103,11 @@ def test_recover_training_on_evaluations_dolly_rows_is_refused(capsys, tmp_path,
 
 def test_prune_calibration_on_evaluation_prompts_is_refused(capsys, tmp_path, no_model):
     rows = [{"id": f"c{i}", "prompt": f"Calibration question number {i}?"} for i in range(20)]
-    calib = _jsonl(tmp_path / "calib.jsonl", rows)
+    calib = write_jsonl(tmp_path / "calib.jsonl", rows)
     # the evaluation set holds the calibration file's first 5 rows under other ids, case and spacing
-    evals = _jsonl(tmp_path / "eval.jsonl", [{"id": f"e{i}", "prompt": "  " + r["prompt"].upper().replace(" ", "\n "),
-                                             "reference": "x"} for i, r in enumerate(rows[:5])])
+    copies = [{"id": f"e{i}", "prompt": "  " + r["prompt"].upper().replace(" ", "\n "), "reference": "x"}
+              for i, r in enumerate(rows[:5])]
+    evals = write_jsonl(tmp_path / "eval.jsonl", copies)
     path = _recipe_file(tmp_path, student="prune", prune={"calib": str(calib), "calib_samples": 20},
                         evaluate={"sets": [f"mine={evals}"], "judge": None})
     line = _refused(capsys, "run", str(path))
@@ -142,7 +125,7 @@ def test_prune_calibration_on_evaluation_prompts_is_refused(capsys, tmp_path, no
 def test_a_set_of_ones_own_copying_a_training_row_is_caught_by_text(capsys, tmp_path, data_aliases, no_model):
     row = load_prompts("dolly")[500]
     copy = {"id": "mine-1", "prompt": "\n".join(row.user_turns[0].upper().split()), "answer": "whatever"}
-    evals = _jsonl(tmp_path / "mine.jsonl", [{"id": "mine-0", "prompt": "Not a Dolly prompt at all."}, copy])
+    evals = write_jsonl(tmp_path / "mine.jsonl", [{"id": "mine-0", "prompt": "Not a Dolly prompt at all."}, copy])
     path = _recipe_file(tmp_path, prompts="dolly", recover={"method": "dsft", "skip_prompts": 80},
                         evaluate={"sets": ["dolly", f"mine={evals}"], "judge": None})
     line = _refused(capsys, "run", str(path))
