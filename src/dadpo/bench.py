@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 from dadpo.errors import DadpoError
+from dadpo.evaluate.report import delta_text, mean_std_text
 from dadpo.evaluate.stats import invalid_label, pool_validity
 from dadpo.evaluate.zeroshot import Z95, zeroshot_summary
 from dadpo.io import atomic_path, atomic_write_json, atomic_write_text, read_json_object
@@ -91,17 +92,9 @@ def _rouge_cells(r: dict, sets: list[str], base: str | None) -> str:
     """Per reference set: ROUGE-L mean ± std over seeds, and the paired difference from the baseline."""
     cells = []
     for s in sets:
-        x, d = r["rouge"].get(s), r["rouge_delta"].get(s)
-        cells.append("–" if not x or x["mean"] is None else f"{x['mean']:.1f} ± {x['std']:.1f}")
-        if base is None:
-            continue
-        if r["method"] == base:
-            cells.append("baseline")
-        elif not d or d["delta"] is None:
-            cells.append("–")
-        else:
-            ci = d["ci95"]
-            cells.append(f"{d['delta']:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else ""))
+        cells.append(mean_std_text(r["rouge"].get(s)))
+        if base is not None:
+            cells.append("baseline" if r["method"] == base else delta_text(r["rouge_delta"].get(s)))
     return "".join(f" {c} |" for c in cells)
 
 

@@ -142,11 +142,13 @@ def _ppl(r: dict) -> str:
     return f"{r['ppl']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
-def _pm(x: dict | None) -> str:
+def mean_std_text(x: dict | None) -> str:
+    """A score over seeds as "mean ± std" ("–" without one); report.md and the bench table."""
     return "–" if not x or x.get("mean") is None else f"{x['mean']:.1f} ± {x['std']:.1f}"
 
 
-def _delta(c: dict | None) -> str:
+def delta_text(c: dict | None) -> str:
+    """A paired difference as "+Δ [+lo, +hi]" ("–" without one); report.md and the bench table."""
     if not c or c.get("delta") is None:
         return "–"
     ci = c.get("ci95")
@@ -180,13 +182,13 @@ def reference_section(results: dict) -> list[str]:
             ci = r.get("ci95")
             per_seed = ", ".join(f"{v:.1f}" for v in r["per_seed"].values())
             delta = next((c for c in comps if c["set"] == s and c["a"] == n and c["b"] == base), None)
-            lines.append(f"| {n} | {_pm(r)} | {f'[{ci[0]:.1f}, {ci[1]:.1f}]' if ci else '–'} | {per_seed} "
-                         f"| {'baseline' if n == base else _delta(delta)} |")
+            lines.append(f"| {n} | {mean_std_text(r)} | {f'[{ci[0]:.1f}, {ci[1]:.1f}]' if ci else '–'} | {per_seed} "
+                         f"| {'baseline' if n == base else delta_text(delta)} |")
         lines.append("")
     extra = [c for c in comps if c["b"] != base]
     if extra:
         lines += ["### Other comparisons", "", "| set | A − B | n | Δ ROUGE-L [95% paired CI] |", "|---|---|---|---|"]
-        lines += [f"| {c['set']} | {c['a']} − {c['b']} | {c['n']} | {_delta(c)} |" for c in extra]
+        lines += [f"| {c['set']} | {c['a']} − {c['b']} | {c['n']} | {delta_text(c)} |" for c in extra]
         lines.append("")
     return lines
 
