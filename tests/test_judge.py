@@ -225,6 +225,37 @@ def test_ctrl_c_cancels_queued_requests_and_keeps_the_one_in_flight(server, tmp_
     assert len(VerdictCache(path).rows) == len(posts)  # and every one that was sent is kept
 
 
+def test_ctrl_c_while_the_workers_are_still_starting_keeps_the_request_in_flight(server, tmp_path, monkeypatch):
+    """The interrupt lands right after the first worker started (and sent its request), before the judge
+    could note that worker anywhere: the judge must still wait for that reply and keep it."""
+    url, srv = server
+    handler, posts, first_post = srv.RequestHandlerClass, [], threading.Event()
+    answer, start = handler.do_POST, threading.Thread.start
+
+    def press_ctrl_c_during_the_first_request(self):
+        posts.append(self.path)
+        if len(posts) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            first_post.set()
+            time.sleep(0.5)
+        answer(self)
+
+    def start_then_wait_for_the_first_request(thread):
+        start(thread)
+        if thread.name.startswith(("judge", "ThreadPoolExecutor")) and first_post.wait(10):
+            time.sleep(0.05)  # the interrupt is raised here, in the main thread
+
+    monkeypatch.setattr(handler, "do_POST", press_ctrl_c_during_the_first_request)
+    monkeypatch.setattr(threading.Thread, "start", start_then_wait_for_the_first_request)
+    items = [_item(f"q{i}", f"What is {i} + {i}?", f"{2 * i}.", f"{2 * i + 1}.") for i in range(2)]
+    path = tmp_path / "v.jsonl"
+    judge = OpenAIJudge(url, "smollm", api_key_env=None, concurrency=2, retries=0, max_tokens=8)
+    with pytest.raises(KeyboardInterrupt):
+        judge.judge(items, VerdictCache(path), progress=False)
+    assert len(posts) == 1  # the second worker never started, so nothing else was sent
+    assert len(VerdictCache(path).rows) == 1  # and the reply to the request in flight is kept
+
+
 def test_a_garbled_http_reply_is_retried_then_a_clear_error():
     import socketserver
 

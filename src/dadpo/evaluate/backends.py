@@ -14,7 +14,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import torch
 from tqdm.auto import tqdm
@@ -124,30 +123,50 @@ class OpenAIJudge(Judge):
             self._announced = True
 
     def _run(self, todo, cache, progress):
+        """Up to `concurrency` requests at a time. Each worker caches its own verdict as soon as the reply
+        is in; on a failure or a Ctrl-C no queued request starts, and the main thread waits for the ones
+        already sent (counted in `in_flight` under one lock, so the wait holds whatever instant the
+        interrupt lands at, even while the workers are still being started)."""
         self._announce_key()
         bar = tqdm(total=len(todo), desc=f"judge {self.model}", unit="verdict", disable=not progress)
-        lock = threading.Lock()
+        state = threading.Condition()
+        queued, errors, in_flight, stop = list(reversed(todo)), [], 0, False
 
-        def ask(key: str, messages: list[dict]) -> None:
-            """One paid request; its verdict is cached by the worker itself as soon as the reply is in, so
-            neither another request's failure nor a Ctrl-C at any moment in the main thread can lose it."""
-            reply = self._post(messages)
-            with lock:
-                cache.add([{"key": key, "verdict": parse_verdict(reply), "reply": reply,
-                            "max_tokens": self.max_tokens}])
-                bar.update(1)
+        def worker() -> None:
+            nonlocal in_flight, stop
+            while True:
+                with state:
+                    if stop or not queued:
+                        return
+                    key, messages = queued.pop()
+                    in_flight += 1
+                try:
+                    reply = self._post(messages)
+                    with state:
+                        cache.add([{"key": key, "verdict": parse_verdict(reply), "reply": reply,
+                                    "max_tokens": self.max_tokens}])
+                        bar.update(1)
+                except Exception as e:  # noqa: BLE001 (re-raised by the main thread)
+                    with state:
+                        errors.append(e)
+                        stop = True
+                finally:
+                    with state:
+                        in_flight -= 1
+                        state.notify_all()
 
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            try:
-                pending = {pool.submit(ask, key, msgs) for key, msgs in todo}
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    failed = next((f for f in done if f.exception() is not None), None)
-                    if failed is not None:
-                        raise failed.exception()
-            finally:  # a failure or Ctrl-C: queued requests never start; those in flight finish and are kept
-                pool.shutdown(cancel_futures=True)
-                bar.close()
+        try:
+            for i in range(min(self.concurrency, len(todo))):
+                threading.Thread(target=worker, name=f"judge-{i}", daemon=True).start()
+            with state:
+                state.wait_for(lambda: in_flight == 0 and (stop or not queued))
+        finally:
+            with state:
+                stop = True
+                state.wait_for(lambda: in_flight == 0)
+            bar.close()
+        if errors:
+            raise errors[0]
 
 
 class LocalJudge(Judge):
