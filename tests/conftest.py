@@ -76,3 +76,22 @@ def no_model(monkeypatch):
 
     monkeypatch.setattr(dadpo.models, "load_model", refuse)
     monkeypatch.setattr(dadpo.models, "load_tokenizer", refuse)
+
+
+@pytest.fixture(scope="session")
+def plain_venv(tmp_path_factory) -> Path:
+    """The python of a fresh virtual environment that sees this one's third-party packages (torch,
+    transformers, ...) through a plain path entry, but not dadpo (its editable hook is never run there)."""
+    import subprocess
+    import sysconfig
+    import venv
+
+    root = tmp_path_factory.mktemp("plain-venv")
+    venv.create(root, with_pip=False)
+    python = root / "bin" / "python"
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "third_party.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    probe = "import importlib.util as u; assert u.find_spec('transformers') and not u.find_spec('dadpo')"
+    subprocess.run([python, "-c", probe], check=True, cwd=root)
+    return python

@@ -17,7 +17,7 @@ from torch import nn
 
 from dadpo.errors import DadpoError
 from dadpo.prune.importance import LayerUnits
-from dadpo.prune.modeling import FAMILIES, family_of, to_non_uniform
+from dadpo.prune.modeling_dadpo_pruned import FAMILIES, family_of, to_non_uniform
 from dadpo.prune.plan import LayerPlan
 
 

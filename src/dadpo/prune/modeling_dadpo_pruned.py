@@ -7,6 +7,11 @@ resizes each layer's projections to those widths before weights load. Both are r
 `AutoConfig` / `AutoModelForCausalLM` under model_type `dadpo_pruned_<family>` when this module is
 imported (`import dadpo.prune` does it), so a saved non-uniform model is plain safetensors + config.json,
 loadable with `AutoModelForCausalLM.from_pretrained(DIR)` and trainable with peft like its family.
+
+This module imports only torch, transformers and huggingface_hub: `save_pretrained` copies it into every
+saved non-uniform folder with an `auto_map` (the classes are registered for Auto classes), so where dadpo
+is not installed `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` loads the folder
+through this very file. Where it is imported, the local registration wins and no remote code runs.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ def _make_classes(family: str, base_config: type, base_model: type) -> tuple[typ
     model_cls = type(f"DadpoPruned{base_model.__name__}", (base_model,), {
         "__module__": __name__, "config_class": config_cls, "__init__": __init__,
         "__doc__": f"{base_model.__name__} whose layers have the widths of a non-uniform dadpo prune."})
+    config_cls.register_for_auto_class()  # save_pretrained writes this file + auto_map beside the weights
+    model_cls.register_for_auto_class("AutoModelForCausalLM")
     return config_cls, model_cls
 
 
