@@ -217,6 +217,17 @@ def test_cli_end_to_end_on_tiny_models_then_rerun_pays_nothing(capsys, data_alia
     assert code == 0, err
     rows = [json.loads(line) for p in (out / "answers").rglob("*.jsonl") for line in p.read_text().splitlines()]
     assert rows and {r["generation"]["max_new_tokens"] for r in rows} == {4}
+    # the judge on one set only: the other set is answered and scored but not judged
+    code, _, err = run_cli(capsys, *[("4" if a == "6" else a) for a in argv], "--judge-sets", "mt_bench")
+    assert code == 0, err
+    assert set(json.loads((out / "results.json").read_text())["pairwise"]["small"]) == {"mt_bench"}
+
+
+def test_judge_sets_must_be_evaluation_sets():
+    with pytest.raises(ValidationError, match=r"judge\.sets: mt_bench not among the evaluation sets"):
+        EvalConfig.model_validate({"sets": ["dolly", "mine=x.jsonl"], "judge": {"sets": ["mt_bench"]}})
+    assert EvalConfig.model_validate({"sets": ["dolly", "mine=x.jsonl"], "judge": {"sets": ["mine"]}}).judged(
+        {"dolly": 1, "mine": 2}) == {"mine": 2}
 
 
 def test_rouge_over_seeds_caches_each_seed_and_compares_paired(capsys, data_aliases, tiny_dirs, tmp_path):

@@ -78,6 +78,8 @@ def register(subparsers) -> None:
         "--judge-retries", type=int, help="retries per request with exponential backoff (default 3)"
     )
     j.add_argument("--judge-timeout", type=float, help="seconds per request (default 120)")
+    j.add_argument("--judge-sets", type=lambda v: [x for x in v.split(",") if x],
+                   help="comma-separated names of the sets the judge compares (default: every set)")
     z = p.add_argument_group("zero-shot tasks and perplexity")
     z.add_argument(
         "--tasks", help=f"lm-eval tasks, comma-separated, of: {', '.join(TASKS)}, or 'all' (default none)"
@@ -169,7 +171,7 @@ def build_config(args) -> dict:
         data["judge"] = None
     elif isinstance(data.get("judge"), dict | None) and (args.judge or any(  # anything else: EvalConfig names it
         getattr(args, f"judge_{k}") is not None
-        for k in ("base_url", "api_key_env", "concurrency", "retries", "timeout")
+        for k in ("base_url", "api_key_env", "concurrency", "retries", "timeout", "sets")
     )):
         judge = dict(data.get("judge") or {})
         if args.judge:
@@ -177,7 +179,7 @@ def build_config(args) -> dict:
             if kind not in ("local", "openai") or not model:
                 raise DadpoError(f"--judge: expected local:SPEC, openai:MODEL or none, got {args.judge!r}")
             judge.update(kind=kind, model=model)
-        for k in ("base_url", "api_key_env", "concurrency", "retries", "timeout"):
+        for k in ("base_url", "api_key_env", "concurrency", "retries", "timeout", "sets"):
             if getattr(args, f"judge_{k}") is not None:
                 judge[k] = getattr(args, f"judge_{k}")
         if judge.get("api_key_env") == "none":

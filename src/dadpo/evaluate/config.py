@@ -50,6 +50,9 @@ class JudgeConfig(BaseModel):
     backoff: float = Field(1.0, ge=0, description="openai: first retry delay in seconds, doubling")
     max_tokens: int = Field(512, ge=1, description="openai: reply length cap")
     batch_size: int = Field(4, ge=1, description="local: judgements per forward pass")
+    sets: list[str] | None = Field(
+        None, description="names of the evaluation sets the judge compares (default: every set); e.g. only the "
+        "sets without references, where ROUGE-L cannot tell models apart")
 
     @field_validator("base_url")
     @classmethod
@@ -186,4 +189,15 @@ class EvalConfig(BaseModel):
     def _something_to_do(self) -> EvalConfig:
         if not (self.sets or self.tasks or self.ppl_corpora):
             raise ValueError("nothing to evaluate: give sets, tasks or ppl_corpora")
+        if self.judge and self.judge.sets is not None:
+            names = [split_set(s)[0] for s in self.sets]
+            unknown = [s for s in self.judge.sets if s not in names]
+            if unknown or not self.judge.sets:
+                raise ValueError(f"judge.sets: {', '.join(unknown) or '(empty)'} not among the evaluation sets "
+                                 f"({', '.join(names)}); give a subset of them, or judge: null for no judge")
         return self
+
+    def judged(self, answers: dict) -> dict:
+        """The part of `answers` (set name → …) the judge compares: `judge.sets`, or every set."""
+        keep = self.judge.sets if self.judge and self.judge.sets is not None else list(answers)
+        return {name: rows for name, rows in answers.items() if name in keep}

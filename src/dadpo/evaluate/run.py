@@ -238,8 +238,8 @@ def run_evaluate(
         judge = judge or make_judge(config.judge, keep_for_judge)
         cache = VerdictCache(out_dir / "verdicts.jsonl")
         for name in students:
-            pairwise[name] = judge_student(judge, cache, first_seed(answers[name]), first_seed(answers["teacher"]),
-                                           config, progress)
+            pairwise[name] = judge_student(judge, cache, config.judged(first_seed(answers[name])),
+                                           first_seed(answers["teacher"]), config, progress)
     blocks = {name: _model_block(metrics[name], answers[name], config) for name in models}
     results = {
         "teacher": {"spec": teacher, **blocks["teacher"]},
