@@ -91,6 +91,7 @@ def _check_config(path: Path, spec: str) -> None:
     A folder whose config class is its own code (`auto_map.AutoConfig`) is left to loading, where
     --trust-remote-code decides."""
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     import dadpo.prune  # noqa: F401  (registers dadpo's own model types, e.g. non-uniform pruned Llama)
 
@@ -100,7 +101,8 @@ def _check_config(path: Path, spec: str) -> None:
         raise DadpoError(f"model {spec}: cannot read config.json ({_first_line(e)})") from None
     if not isinstance(raw, dict):
         raise DadpoError(f"model {spec}: config.json must hold a JSON object, got {type(raw).__name__}")
-    if isinstance(raw.get("auto_map"), dict) and isinstance(raw["auto_map"].get("AutoConfig"), str):
+    if isinstance(raw.get("auto_map"), dict) and isinstance(raw["auto_map"].get("AutoConfig"), str) \
+            and raw.get("model_type") not in CONFIG_MAPPING:  # dadpo's own folders carry code it already has
         return  # the folder's own config code: loading it needs --trust-remote-code, and checks it then
     try:
         AutoConfig.from_pretrained(path, trust_remote_code=False)  # refuse other code, without asking on stdin
