@@ -14,7 +14,7 @@ import torch
 from conftest import run_cli
 from dadpo.models import load_tokenizer
 from dadpo.prune import prune_to_dir
-from test_prune import fast_config, tiny_model
+from test_prune import fast_config, save_tiny
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "2 + 2 =", "Name three colours."]
 
@@ -57,9 +57,7 @@ def load_with_dadpo(path) -> dict:
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_non_uniform_prune_loads_without_dadpo(tmp_path, plain_venv, family):
     tok = load_tokenizer("smollm2-135m-instruct")
-    src = tmp_path / "src"
-    tiny_model(family, tok).save_pretrained(src)
-    tok.save_pretrained(src)
+    src = save_tiny(tmp_path, tok, family)
     out = tmp_path / "pruned"
     report = prune_to_dir(str(src), out, fast_config(allocation="global", targets="both", layers="1:3"))
     assert not report["uniform"]
@@ -81,9 +79,7 @@ def test_recovered_non_uniform_student_loads_without_dadpo(tmp_path, plain_venv)
     from dadpo.recover import run_recover
 
     tok = load_tokenizer("smollm2-135m-instruct")
-    teacher = tmp_path / "teacher"
-    tiny_model("llama", tok).save_pretrained(teacher)
-    tok.save_pretrained(teacher)
+    teacher = save_tiny(tmp_path, tok, "llama")
     student = tmp_path / "student"
     prune_to_dir(str(teacher), student, fast_config(allocation="global", targets="both", layers="1:3"))
     prompts = tmp_path / "prompts.jsonl"
@@ -101,9 +97,7 @@ def test_recovered_non_uniform_student_loads_without_dadpo(tmp_path, plain_venv)
 
 def test_uniform_prune_carries_no_custom_code(tmp_path):
     tok = load_tokenizer("smollm2-135m-instruct")
-    src = tmp_path / "src"
-    tiny_model("llama", tok, heads=4, kv=2).save_pretrained(src)
-    tok.save_pretrained(src)
+    src = save_tiny(tmp_path, tok, "llama", heads=4, kv=2)
     report = prune_to_dir(str(src), tmp_path / "pruned", fast_config())
     assert report["uniform"]
     assert "auto_map" not in json.loads((tmp_path / "pruned" / "config.json").read_text())
@@ -269,9 +263,7 @@ def test_llama_cpp_splits_text_like_the_hf_tokenizer_for_each_pre_tokenizer(tmp_
     from dadpo.export import _LLAMA3_SPLIT, _QWEN2_SPLIT, export_gguf, pre_tokenizer_name
 
     tok = load_tokenizer("smollm2-135m-instruct")
-    folder = tmp_path / "m"
-    tiny_model("llama", tok).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = save_tiny(tmp_path, tok, "llama")
     tj = json.loads((folder / "tokenizer.json").read_text())
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     split = {"qwen2": _QWEN2_SPLIT, "llama-bpe": _LLAMA3_SPLIT}
@@ -324,9 +316,7 @@ def test_export_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys
 
 def test_overwrite_replaces_only_an_export_of_dadpo(tmp_path, capsys):
     tok = load_tokenizer("smollm2-135m-instruct")
-    folder = tmp_path / "m"
-    tiny_model("llama", tok).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = save_tiny(tmp_path, tok, "llama")
     out = tmp_path / "m.gguf"
     assert run_cli(capsys, "export", str(folder), "--gguf", str(out))[0] == 0
     first = out.stat().st_mtime_ns

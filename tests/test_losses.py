@@ -114,6 +114,37 @@ def test_dadpo_loss_hand_computed_and_margins():
     assert loss.item() == pytest.approx(math.log1p(math.exp(-u)), abs=1e-6)
 
 
+def test_mean_margins_divide_each_response_by_its_own_length():
+    """margin: mean — the same pair as above with a 4-token chosen and a 10-token rejected response."""
+    from dadpo.recover.pairs import pair_logps
+
+    batch = {"ref_chosen_logps": torch.tensor([-11.0]), "ref_rejected_logps": torch.tensor([-11.5]),
+             "teacher_chosen_logps": torch.tensor([-8.0]), "teacher_rejected_logps": torch.tensor([-15.0])}
+    sums, counts = torch.tensor([-10.0, -12.0]), torch.tensor([4, 10])
+    summed = pair_logps(sums, counts, batch, 1, "sum")
+    assert [x.item() for x in summed] == [-10.0, -12.0, -11.0, -11.5, -8.0, -15.0]
+    pc, pr, rc, rr, tc, tr = pair_logps(sums, counts, batch, 1, "mean")
+    assert [x.item() for x in (pc, pr, rc, rr, tc, tr)] == pytest.approx([-2.5, -1.2, -2.75, -1.15, -2.0, -1.5])
+    d_ref, d_te = dadpo_margins(pc, pr, rc, rr, tc, tr)
+    assert d_ref.item() == pytest.approx((-2.5 + 1.2) - (-2.75 + 1.15))  # +0.3
+    assert d_te.item() == pytest.approx((-2.5 + 1.2) - (-2.0 + 1.5))  # −0.8
+    u = 0.1 * 0.3 + 0.5 * -0.8
+    loss = dadpo_loss(pc, pr, rc, rr, tc, tr, beta1=0.1, beta2=0.5)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-u)), abs=1e-6)
+    assert losses.per_token(torch.tensor([-6.0]), torch.tensor([0])).item() == -6.0  # an empty response: no /0
+
+
+def test_teacher_term_stats_on_a_saturated_and_a_live_pair():
+    # pair 1: Δ_te = −130 nats (sequence sums of long answers): u = 0.1·0 + 0.1·(−130) = −13, σ(13) ≈ 1
+    # pair 2: Δ_te = +2: u = 0.1·1 + 0.1·2 = 0.3, σ(−0.3) = 0.4256
+    stats = losses.teacher_term_stats(torch.tensor([0.0, 1.0]), torch.tensor([-130.0, 2.0]), 0.1, 0.1)
+    assert stats["pairs"] == 2 and stats["saturated"] == 0.5
+    assert stats["u_mean"] == pytest.approx((-13 + 0.3) / 2)
+    assert stats["weight"] == pytest.approx((1 / (1 + math.exp(-13)) + 1 / (1 + math.exp(0.3))) / 2)
+    assert stats["margin_ref"] == 0.5 and stats["margin_te"] == -64.0
+    assert stats["u_q05"] == pytest.approx(-13 + 0.05 * 13.3) and stats["u_q95"] == pytest.approx(-13 + 0.95 * 13.3)
+
+
 def test_dadpo_with_beta2_zero_is_ddpo_exactly():
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(64, generator=g) * 20 for _ in range(6)]

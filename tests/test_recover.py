@@ -58,6 +58,7 @@ TINY_CFG = {"train_prompts": 6, "eval_prompts": 2, "batch_size": 2, "max_prompt_
     ({"beta1": 0}, "recover.beta1: must be > 0"),
     ({"beta2": -0.1}, "recover.beta2: must be > 0"),
     ({"method": "ppo"}, "recover.method"),
+    ({"margin": "median"}, "recover.margin"),
     ({"lr": 0}, "recover.lr"),
     ({"kd": {"top_k": 0}}, "recover.kd.top_k"),
     ({"lora": {"r": 8, "alhpa": 3}}, "recover.lora.alhpa"),
@@ -167,6 +168,8 @@ def test_pipeline_end_to_end_lora_with_kd_and_resume_guards(tiny, tmp_path):
            "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
     metrics = run_recover(tiny["student"], tiny["teacher"], tiny["prompts"], out, cfg)
     assert {"start", "dsft", "final"} <= set(metrics) and metrics["final"]["pairs"] == 2
+    start, end = metrics["teacher_term"]["start"], metrics["teacher_term"]["end"]  # the teacher term's effect
+    assert start["pairs"] == 6 and start["margin_ref"] == 0.0 and end["pairs"] == 2 and 0 <= end["saturated"] <= 1
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(out / "model")  # plain model, LoRA merged in
@@ -182,8 +185,8 @@ def test_pipeline_end_to_end_lora_with_kd_and_resume_guards(tiny, tmp_path):
         run_recover(tiny["student"], tiny["teacher"], tiny["prompts"], out, {**cfg, "beta1": 0.5})
     # a sibling run with another method links the shared work instead of redoing it
     other = tmp_path / "dpo"
-    m2 = run_recover(tiny["student"], tiny["teacher"], tiny["prompts"], other, {**cfg, "method": "dpo"},
-                     reuse=[out])
+    m2 = run_recover(tiny["student"], tiny["teacher"], tiny["prompts"], other,
+                     {**cfg, "method": "dpo", "margin": "mean"}, reuse=[out])
     for name in ("teacher.jsonl", "dsft", "student.jsonl", "scores.pt"):
         assert (other / name).is_symlink(), name
     assert m2["dsft"] == metrics["dsft"] and m2["final"]["nll"] != metrics["final"]["nll"]

@@ -67,12 +67,9 @@ def pre_tokenizer_name(pre: dict | None) -> str | None:
 
 
 def _config(model_dir: Path) -> dict:
-    try:
-        cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DadpoError(f"export: {model_dir} is not a model folder (config.json: {e})") from None
-    if not isinstance(cfg, dict):
-        raise DadpoError(f"export: {model_dir}/config.json must hold a JSON object")
+    from dadpo.io import load_json_object
+
+    cfg = load_json_object(model_dir / "config.json", f"export: {model_dir}")
     family = str(cfg.get("model_type", "")).removeprefix("dadpo_pruned_")
     if family not in FAMILIES:
         raise DadpoError(f"export: model_type {cfg.get('model_type')!r} of {model_dir} is not supported "

@@ -116,6 +116,19 @@ def read_json_object(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
+def load_json_object(path: Path, what: str) -> dict:
+    """The JSON object in file `path`; anything else (unreadable, not UTF-8, not JSON, not an object) is one
+    DadpoError line that starts with `what` and names the file."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DadpoError(f"{what}: cannot read {path.name} ({reason})") from None
+    if not isinstance(obj, dict):
+        raise DadpoError(f"{what}: {path.name} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def check_removable(path: Path, what: str) -> None:
     """Refuse to delete `path` when it is a symbolic link, the current directory, a parent of it, the home folder
     or a filesystem root, whatever proof of ownership it holds."""

@@ -22,7 +22,7 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
 from dadpo.errors import DadpoError
-from dadpo.io import atomic_write_json
+from dadpo.io import atomic_write_json, load_json_object
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,7 @@ def _check_config(path: Path, spec: str) -> None:
 
     import dadpo.prune  # noqa: F401  (registers dadpo's own model types, e.g. non-uniform pruned Llama)
 
-    try:
-        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DadpoError(f"model {spec}: cannot read config.json ({_first_line(e)})") from None
-    if not isinstance(raw, dict):
-        raise DadpoError(f"model {spec}: config.json must hold a JSON object, got {type(raw).__name__}")
+    raw = load_json_object(path / "config.json", f"model {spec}")
     if isinstance(raw.get("auto_map"), dict) and isinstance(raw["auto_map"].get("AutoConfig"), str) \
             and raw.get("model_type") not in CONFIG_MAPPING:  # dadpo's own folders carry code it already has
         return  # the folder's own config code: loading it needs --trust-remote-code, and checks it then

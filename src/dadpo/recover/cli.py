@@ -28,6 +28,8 @@ def register(subparsers) -> None:
                    help="dsft: stop after distilled SFT; kd: token KD; dpo: dDPO; dadpo: distribution-aware DPO")
     p.add_argument("--beta1", type=float, default=_D.beta1, help="β1, KL weight to π_ref (the DPO β)")
     p.add_argument("--beta2", type=float, default=_D.beta2, help="β2, KL weight to the teacher (daDPO)")
+    p.add_argument("--margin", choices=["sum", "mean"], default=_D.margin,
+                   help=RecoverConfig.model_fields["margin"].description + " (default %(default)s)")
     p.add_argument("--lr", type=float, default=_D.lr, help="learning rate of the last stage")
     p.add_argument("--epochs", type=float, default=_D.epochs, help="epochs of the last stage")
     p.add_argument("--batch-size", type=int, default=_D.batch_size, help="pairs/sequences per step")
@@ -77,7 +79,8 @@ def config_from_args(args) -> RecoverConfig:
         lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
                 "target_modules": [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]}
     return RecoverConfig.parse({
-        "method": args.method, "beta1": args.beta1, "beta2": args.beta2, "lr": args.lr, "epochs": args.epochs,
+        "method": args.method, "beta1": args.beta1, "beta2": args.beta2, "margin": args.margin, "lr": args.lr,
+        "epochs": args.epochs,
         "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_prompt_len": args.max_prompt_len,
         "max_response_len": args.max_response_len, "bf16": args.bf16, "seed": args.seed,
         "activation_checkpointing": args.activation_checkpointing,

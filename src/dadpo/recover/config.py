@@ -73,6 +73,9 @@ class RecoverConfig(_Section):
     method: Literal["dsft", "kd", "dpo", "dadpo"] = "dadpo"
     beta1: float = Field(0.1, description="β1: weight of the KL to π_ref (the DPO β)")
     beta2: float = Field(0.1, description="β2: weight of the KL to the teacher (daDPO only)")
+    margin: Literal["sum", "mean"] = Field(
+        "sum", description="log-probs in Δ_ref and Δ_te: sum = each response's sequence log-prob (the paper's); "
+        "mean = per-token averages (DPKD, DistiLLM-2), which puts both margins on a ~1-nat scale")
     kd: KDConfig = Field(default_factory=KDConfig)
     lr: float = Field(5e-6, gt=0)
     epochs: float = Field(1.0, gt=0)

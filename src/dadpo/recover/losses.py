@@ -163,11 +163,39 @@ def dadpo_margins(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, re
 def dadpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                ref_rejected: torch.Tensor, teacher_chosen: torch.Tensor, teacher_rejected: torch.Tensor,
                beta1: float, beta2: float) -> torch.Tensor:
-    """daDPO per pair: −log σ(β1·Δ_ref + β2·Δ_te); β2 = 0 is dDPO exactly (the teacher term vanishes)."""
+    """daDPO per pair: −log σ(β1·Δ_ref + β2·Δ_te); β2 = 0 is dDPO exactly (the teacher term vanishes).
+
+    The log-probs are whatever the caller passes: sequence sums (`recover.margin: sum`, the paper's), or
+    per-token means from `per_token` (`margin: mean`, as DPKD and DistiLLM-2 do), which makes
+    Δ = (log πθ(y_c)/|y_c| − log π(y_c)/|y_c|) − (… y_r) and puts both margins on a ~1-nat scale."""
     d_ref, d_te = dadpo_margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                                 teacher_chosen, teacher_rejected)
     u = beta1 * d_ref if beta2 == 0 else beta1 * d_ref + beta2 * d_te
     return -F.logsigmoid(u)
+
+
+def per_token(logps: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Sequence log-probs (sums over each response's tokens) → per-token means (`recover.margin: mean`)."""
+    return logps / counts.to(logps.dtype).clamp(min=1)
+
+
+#: σ(−u) above this: the pair's gradient weight no longer depends on u (the sigmoid is saturated)
+SATURATED = 0.99
+
+
+@torch.no_grad()
+def teacher_term_stats(d_ref: torch.Tensor, d_te: torch.Tensor, beta1: float, beta2: float) -> dict[str, float]:
+    """How daDPO's teacher term acts on a set of pairs. u = β1·Δ_ref + β2·Δ_te; each pair's gradient is
+    scaled by w = σ(−u). When u ≪ 0 for every pair, w ≈ 1 everywhere (`saturated` ≈ 1): the teacher then
+    only rescales dDPO's direction, which Adam undoes. Returns the mean and 5/25/50/75/95% quantiles of u,
+    mean Δ_ref and Δ_te, mean w and the share of pairs with w > 0.99."""
+    u = (beta1 * d_ref + beta2 * d_te).double()
+    w = torch.sigmoid(-u)
+    q = torch.quantile(u, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=u.dtype)).tolist()
+    return {"pairs": len(u), "u_mean": u.mean().item(), **{f"u_q{p:02d}": v for p, v in zip((5, 25, 50, 75, 95), q,
+                                                                                         strict=True)},
+            "margin_ref": d_ref.double().mean().item(), "margin_te": d_te.double().mean().item(),
+            "weight": w.mean().item(), "saturated": (w > SATURATED).double().mean().item()}
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from dadpo.data import chat_prompt
-from dadpo.recover.losses import IGNORE_INDEX
+from dadpo.recover.losses import IGNORE_INDEX, per_token
 
 
 def encode_turn(tok, messages: list[dict], response: str, max_prompt_len: int, max_response_len: int
@@ -64,3 +64,14 @@ class PairCollator:
             batch["topk_logps"] = torch.cat([torch.as_tensor(ex["topk_logps"]) for ex in examples])
             batch["topk_ids"] = torch.cat([torch.as_tensor(ex["topk_ids"]) for ex in examples])
         return batch
+
+
+def pair_logps(sums: torch.Tensor, counts: torch.Tensor, batch: dict, n: int, margin: str
+               ) -> tuple[torch.Tensor, ...]:
+    """(πθ chosen, πθ rejected, π_ref chosen, π_ref rejected, π_te chosen, π_te rejected) log-probs of a pair
+    batch (chosen rows first), as sequence sums or, with `margin` "mean", per-token means of each response."""
+    cached = [batch[f"{m}_{r}_logps"].to(sums.dtype) for m in ("ref", "teacher") for r in ("chosen", "rejected")]
+    logps = [sums[:n], sums[n:], *cached]
+    if margin == "mean":
+        logps = [per_token(lp, counts[:n] if i % 2 == 0 else counts[n:]) for i, lp in enumerate(logps)]
+    return tuple(logps)

@@ -34,8 +34,8 @@ from dadpo.io import atomic_write_json, check_removable, read_json_object
 from dadpo.models import model_stamp
 from dadpo.recover.config import RecoverConfig
 from dadpo.recover.forward import response_logps, teacher_topk
-from dadpo.recover.losses import dadpo_margins
-from dadpo.recover.pairs import PairCollator, encode_example
+from dadpo.recover.losses import dadpo_margins, teacher_term_stats
+from dadpo.recover.pairs import PairCollator, encode_example, pair_logps
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,10 @@ def run_recover(student: str, teacher: str, prompts: str, out_dir: str | os.Path
         metrics["final"] = _eval_nll(str(final_dir), eval_recs, teacher_rows, cfg)
         if cfg.method != "dsft":
             metrics["final"].update(_eval_pairs(str(final_dir), examples[len(train_recs):], scores, cfg))
+    if cfg.needs_pairs:  # how the teacher term acts: training pairs at the start, held-out pairs at the end
+        metrics["teacher_term"] = {"start": _start_teacher_term(examples[: len(train_recs)], scores, cfg)}
+        if "teacher_term" in metrics.get("final", {}):
+            metrics["teacher_term"]["end"] = metrics["final"].pop("teacher_term")
     atomic_write_json(out / "metrics.json", metrics)
     log.info("recover done: %s", metrics)
     return metrics
@@ -148,7 +152,8 @@ def _claim(out: Path, manifest: dict, overwrite: bool) -> None:
 
 #: artefacts that do not depend on the last stage's method, β, lr, epochs or KD weighting
 _SHARED = ("teacher.jsonl", "start_nll.json", "dsft", "dsft_nll.json", "student.jsonl", "scores.pt")
-_METHOD_ONLY = ("method", "beta1", "beta2", "lr", "epochs", "kd", "activation_checkpointing", "save_steps")
+_METHOD_ONLY = ("method", "beta1", "beta2", "margin", "lr", "epochs", "kd", "activation_checkpointing",
+                "save_steps")
 
 
 def _shared_key(manifest: dict) -> dict:
@@ -393,9 +398,7 @@ def _eval_pairs(spec: str, examples: list[dict], scores: dict, cfg: RecoverConfi
     for chunk, b in _batches(examples, cfg.batch_size, tok.pad_token_id, "held-out pairs"):
         with _autocast(cfg):  # the precision the cached π_ref/π_te scores were computed in
             out = response_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
-        n = len(chunk)
-        d_ref, d_te = dadpo_margins(out.sums[:n], out.sums[n:], b["ref_chosen_logps"], b["ref_rejected_logps"],
-                                    b["teacher_chosen_logps"], b["teacher_rejected_logps"])
+        d_ref, d_te = dadpo_margins(*pair_logps(out.sums, out.counts, b, len(chunk), cfg.margin))
         d_refs.append(d_ref)
         d_tes.append(d_te)
     d_ref, d_te = torch.cat(d_refs), torch.cat(d_tes)
@@ -403,4 +406,16 @@ def _eval_pairs(spec: str, examples: list[dict], scores: dict, cfg: RecoverConfi
     u = cfg.beta1 * d_ref + beta2 * d_te
     return {"reward_acc": (d_ref > 0).float().mean().item(), "objective_acc": (u > 0).float().mean().item(),
             "margin_ref": d_ref.mean().item(),
-            "margin_te": d_te.mean().item(), "pairs": len(d_ref)}
+            "margin_te": d_te.mean().item(), "pairs": len(d_ref),
+            "teacher_term": teacher_term_stats(d_ref, d_te, cfg.beta1, beta2)}
+
+
+def _start_teacher_term(examples: list[dict], scores: dict, cfg: RecoverConfig) -> dict:
+    """`teacher_term_stats` of the training pairs as training starts: the policy is π_ref then, so Δ_ref = 0
+    and Δ_te = (log π_ref − log π_te)(y_c) − (…)(y_r), from the cached scores alone."""
+    batch = {k: torch.tensor([scores[ex["id"]][k] for ex in examples], dtype=torch.float64)
+             for k in ("ref_chosen_logps", "ref_rejected_logps", "teacher_chosen_logps", "teacher_rejected_logps")}
+    counts = torch.tensor([len(ex["chosen_ids"]) for ex in examples] + [len(ex["rejected_ids"]) for ex in examples])
+    sums = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+    d_ref, d_te = dadpo_margins(*pair_logps(sums, counts, batch, len(examples), cfg.margin))
+    return teacher_term_stats(d_ref, d_te, cfg.beta1, cfg.beta2 if cfg.method == "dadpo" else 0.0)

@@ -18,7 +18,8 @@ from transformers import Trainer
 
 from dadpo.recover.config import RecoverConfig
 from dadpo.recover.forward import output_logits, response_logps
-from dadpo.recover.losses import dadpo_loss, dadpo_margins, sft_loss, token_kd_loss
+from dadpo.recover.losses import SATURATED, dadpo_loss, dadpo_margins, sft_loss, token_kd_loss
+from dadpo.recover.pairs import pair_logps
 
 
 class RecoverTrainer(Trainer):
@@ -57,18 +58,18 @@ def recover_loss(model, inputs: dict, cfg: RecoverConfig, stage: str) -> tuple[t
     n = rows // 2 if stage in ("dpo", "dadpo") else rows  # pairs: chosen rows first, then rejected
     loss = torch.zeros((), device=out.tokens.device)
     if stage in ("dpo", "dadpo"):
-        pc, pr = out.sums[:n], out.sums[n:]
-        rc, rr = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        tc, tr = inputs["teacher_chosen_logps"], inputs["teacher_rejected_logps"]
+        pc, pr, rc, rr, tc, tr = pair_logps(out.sums, out.counts, inputs, n, cfg.margin)
         beta2 = cfg.beta2 if stage == "dadpo" else 0.0
         pair = dadpo_loss(pc, pr, rc, rr, tc, tr, cfg.beta1, beta2)
         loss = pair.mean()
         with torch.no_grad():
             d_ref, d_te = dadpo_margins(pc, pr, rc, rr, tc, tr)
             u = cfg.beta1 * d_ref + beta2 * d_te
+            weight = torch.sigmoid(-u)
             stats.update({"pref_loss": loss.item(), "margin_ref": d_ref.mean().item(),
                           "margin_te": d_te.mean().item(), "reward_acc": (d_ref > 0).float().mean().item(),
-                          "objective_acc": (u > 0).float().mean().item(),
+                          "objective_acc": (u > 0).float().mean().item(), "weight": weight.mean().item(),
+                          "saturated": (weight > SATURATED).float().mean().item(),
                           "logps_chosen": pc.mean().item(), "logps_rejected": pr.mean().item()})
     if cfg.kd.weight > 0 and "topk_logps" in inputs:
         chosen = out.rows < n
