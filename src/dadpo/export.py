@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 
 OUTTYPES = ("f32", "f16", "q8_0")
 ARCH = "deci"
-#: transformers model types this export understands (dadpo's non-uniform prunes of them included)
-FAMILIES = ("llama", "mistral", "qwen2")
 #: written into every export, so `--overwrite` replaces only a file that dadpo made
 MARKER_KEY = "dadpo.export.source"
 
@@ -68,6 +66,7 @@ def pre_tokenizer_name(pre: dict | None) -> str | None:
 
 def _config(model_dir: Path) -> dict:
     from dadpo.io import load_json_object
+    from dadpo.prune.modeling_dadpo_pruned import FAMILIES  # the families dadpo prunes: the ones exported
 
     cfg = load_json_object(model_dir / "config.json", f"export: {model_dir}")
     family = str(cfg.get("model_type", "")).removeprefix("dadpo_pruned_")
