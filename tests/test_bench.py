@@ -99,3 +99,60 @@ def test_rouge_columns_show_the_paired_difference_from_the_baseline():
     assert "| none | 107.6 | 20.0 ± 1.0 | baseline |" in table
     assert "| dadpo | 107.6 | 22.5 ± 0.4 | +2.5 [-0.2, +4.0] |" in table  # not the extra dadpo − teacher pair
     assert "| teacher | 134.5 | 20.0 ± 1.0 | +3.0 [+1.0, +5.0] |" in table
+
+
+# -- method variants: `--methods dadpo@beta2=0.003,…` -----------------------------------------------------------
+
+def test_variants_set_any_recover_field_and_run_after_their_dsft():
+    from dadpo.pipeline import bench_variants, split_methods
+    from dadpo.recover.config import RecoverConfig
+
+    items = split_methods("dadpo@margin=mean@beta2=0.01, none,dpo,dadpo@lora.target_modules=[q_proj,v_proj],dsft")
+    assert items == ["dadpo@margin=mean@beta2=0.01", "none", "dpo", "dadpo@lora.target_modules=[q_proj,v_proj]",
+                     "dsft"]
+    base = RecoverConfig(beta1=0.2, lr=1e-6).model_dump(mode="json")
+    variants = dict(bench_variants(items, base))
+    assert list(variants) == ["none", "dsft", "dpo", "dadpo@margin=mean@beta2=0.01",
+                              "dadpo@lora.target_modules=[q_proj,v_proj]"]
+    assert variants["none"] is None
+    mean = variants["dadpo@margin=mean@beta2=0.01"]
+    assert (mean.method, mean.margin, mean.beta2, mean.beta1, mean.lr) == ("dadpo", "mean", 0.01, 0.2, 1e-6)
+    assert variants["dadpo@lora.target_modules=[q_proj,v_proj]"].lora.target_modules == ["q_proj", "v_proj"]
+    assert variants["dpo"].method == "dpo" and variants["dpo"].margin == "sum"
+
+
+@pytest.mark.parametrize(("methods", "message"), [
+    ("dadpo@beta3=1", "--methods dadpo@beta3=1: recover.beta3: Extra inputs are not permitted"),
+    ("dadpo@beta2=-1", "--methods dadpo@beta2=-1: recover.beta2: must be > 0, got -1.0"),
+    ("dadpo@margin=median", "--methods dadpo@margin=median: recover.margin: Input should be 'sum' or 'mean'"),
+    ("dadpo@beta2", "--methods dadpo@beta2: 'beta2': expected KEY.PATH=VALUE"),
+    ("dpo@method=kd", "--methods dpo@method=kd: the method is the name before @, not a setting"),
+    ("none@beta2=1", "--methods none@beta2=1: none (no recovery) takes no settings"),
+    ("dadpo,dadpo", "--methods: dadpo is listed twice"),
+    ("orpo@beta=1", "--methods: unknown method 'orpo' in 'orpo@beta=1'"),
+    (" , ", "--methods: none given"),
+])
+def test_bad_variants_are_one_line_before_anything_runs(methods, message, capsys, tmp_path, no_model):
+    from conftest import run_cli
+
+    code, _, err = run_cli(capsys, "bench", "recipes/smollm2-135m-prune20-dadpo.yaml", "--methods", methods,
+                           "--out", str(tmp_path / "run"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_variants_become_recover_stages_that_share_the_method_independent_work(tmp_path):
+    from dadpo.pipeline import bench_plan
+    from dadpo.recipe import load_recipe
+    from dadpo.recover.pipeline import _shared_key
+
+    recipe = load_recipe("recipes/smollm2-135m-prune20-dadpo.yaml", [f"output_dir={tmp_path}"])
+    stages = bench_plan(recipe, ["none", "dpo", "dadpo@beta2=0.003", "dadpo@margin=mean", "dadpo@seed=1"])
+    names = [s.name for s in stages]
+    assert names == ["prune", "bench/recover-dpo", "bench/recover-dadpo@beta2=0.003", "bench/recover-dadpo@margin=mean",
+                     "bench/recover-dadpo@seed=1", "bench/evaluate"]
+    evaluate = stages[-1].config["students"]
+    assert list(evaluate) == ["none", "dpo", "dadpo@beta2=0.003", "dadpo@margin=mean", "dadpo@seed=1"]
+    assert evaluate["dadpo@margin=mean"] == str(tmp_path / "bench" / "recover-dadpo@margin=mean" / "model")
+    keys = [_shared_key({"config": s.config}) for s in stages[1:5]]
+    assert keys[0] == keys[1] == keys[2] != keys[3]  # another seed samples and trains anew; β and margin do not

@@ -181,10 +181,10 @@ def agree_greedily(llm, model, ids: list[int], n: int, tie: float) -> bool:
 
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
 def test_gguf_of_the_prune_matches_transformers_in_llama_cpp(smollm_prune, hf_prune, tmp_path, outtype, capsys):
-    """f32: every next-token log-prob within 1e-3 (measured ~1e-4). f16: llama.cpp also rounds activations to
-    f16 in its f16 matmuls, which alone moves log-probs by up to ~1e-2 for likely tokens and a few 1e-2 for
-    unlikely ones, so the bound is 2e-2 for tokens transformers gives p ≥ 1e-2 and 0.1 for every token.
-    Greedy continuations of 16 tokens agree."""
+    """f32: every next-token log-prob within 1e-3 (measured ~1e-4). f16 (output layer kept f32): within 1e-2
+    for tokens transformers gives p ≥ 1e-2 (measured ≤ 0.007); llama.cpp also rounds activations to f16 in
+    its f16 matmuls, which moves the log-probs of unlikely tokens by a few 1e-2, so every token is bounded
+    by 5e-2 (measured ≤ 0.03). Greedy continuations of 16 tokens agree."""
     import gguf
 
     out = tmp_path / f"prune-{outtype}.gguf"
@@ -194,6 +194,9 @@ def test_gguf_of_the_prune_matches_transformers_in_llama_cpp(smollm_prune, hf_pr
     fields = gguf.GGUFReader(out).fields
     widths = json.loads((smollm_prune / "config.json").read_text())["layer_intermediate_sizes"]
     assert list(fields["deci.feed_forward_length"].contents()) == widths and len(set(widths)) > 1
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert "output.weight" not in types  # tied: llama.cpp's output layer reads token_embd
+    assert types["token_embd.weight"] == "F32" and types["blk.0.ffn_up.weight"] == outtype.upper()
 
     model, tok = hf_prune
     llm = llama_cpp_model(out)
@@ -208,7 +211,7 @@ def test_gguf_of_the_prune_matches_transformers_in_llama_cpp(smollm_prune, hf_pr
             assert diff.max() <= 1e-3, (prompt, diff.max())
         else:
             likely = ours >= np.log(1e-2)
-            assert diff[likely].max() <= 2e-2 and diff.max() <= 0.1, (prompt, diff[likely].max(), diff.max())
+            assert diff[likely].max() <= 1e-2 and diff.max() <= 5e-2, (prompt, diff[likely].max(), diff.max())
         agreed += agree_greedily(llm, model, ids, 16, tie=1e-3 if outtype == "f32" else 2e-2)
     assert agreed >= len(PROMPTS) - 1  # at most one prompt parts, and only at a near-tie
 

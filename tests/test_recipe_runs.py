@@ -58,7 +58,8 @@ def test_gpu_recipe_first_steps_on_tiny_stand_in(recipe, tmp_path, smollm, data_
 
 
 def test_bench_on_tiny_models_then_rerun_skips_everything(tmp_path, smollm, data_aliases, capsys):
-    """`dadpo bench` end to end (prune → dsft/dadpo sharing work → evaluate → table), then a no-op rerun."""
+    """`dadpo bench` end to end (prune → dsft/dadpo and a daDPO variant sharing work → evaluate → table), then a
+    no-op rerun."""
     import yaml
 
     from dadpo.cli import main
@@ -71,17 +72,25 @@ def test_bench_on_tiny_models_then_rerun_skips_everything(tmp_path, smollm, data
         "evaluate.tasks=[arc_easy]", "evaluate.task_limit=4", "evaluate.bootstrap=50"]
     recipe = tmp_path / "r.yaml"
     recipe.write_text((RECIPES / "smollm2-135m-prune20-dadpo.yaml").read_text())
-    args = ["bench", str(recipe), "--methods", "none,dsft,dadpo", *[a for s in small for a in ("--set", s)]]
+    methods = "none,dsft,dadpo,dadpo@beta2=0.01@margin=mean"
+    args = ["bench", str(recipe), "--methods", methods, *[a for s in small for a in ("--set", s)]]
     assert main(args) == 0
     out = capsys.readouterr().out
     bench = json.loads((tmp_path / "run" / "bench" / "bench.json").read_text())
-    assert [r["method"] for r in bench["rows"]] == ["teacher", "none", "dsft", "dadpo"]
+    variant = "dadpo@beta2=0.01@margin=mean"
+    assert [r["method"] for r in bench["rows"]] == ["teacher", "none", "dsft", "dadpo", variant]
     assert all(r["preference"] is not None and r["zeroshot_tasks"] == 1 for r in bench["rows"][1:])
     assert (tmp_path / "run" / "bench" / "preference.png").stat().st_size > 1000
     assert "| dadpo |" in out and "| dadpo |" in (tmp_path / "run" / "bench" / "table.md").read_text()
     assert (tmp_path / "run" / "bench" / "recover-dadpo" / "dsft").exists()  # linked from the dsft run
+    for shared in ("dsft", "teacher.jsonl", "student.jsonl", "scores.pt"):  # the variant trains, nothing else
+        assert (tmp_path / "run" / "bench" / f"recover-{variant}" / shared).is_symlink(), shared
+    metrics = json.loads((tmp_path / "run" / "bench" / f"recover-{variant}" / "metrics.json").read_text())
+    manifest = json.loads((tmp_path / "run" / "bench" / f"recover-{variant}" / "recover.json").read_text())
+    assert manifest["config"]["margin"] == "mean" and manifest["config"]["beta2"] == 0.01
+    assert metrics["teacher_term"]["start"]["pairs"] == 4
     assert main(args) == 0
-    assert capsys.readouterr().out.count("up to date") == 4  # prune, 2 recovers, evaluate
+    assert capsys.readouterr().out.count("up to date") == 5  # prune, 3 recovers, evaluate
     assert yaml.safe_load(recipe.read_text())["name"] == "smollm2-135m-prune20-dadpo"
 
 

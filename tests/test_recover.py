@@ -170,6 +170,10 @@ def test_pipeline_end_to_end_lora_with_kd_and_resume_guards(tiny, tmp_path):
     assert {"start", "dsft", "final"} <= set(metrics) and metrics["final"]["pairs"] == 2
     start, end = metrics["teacher_term"]["start"], metrics["teacher_term"]["end"]  # the teacher term's effect
     assert start["pairs"] == 6 and start["margin_ref"] == 0.0 and end["pairs"] == 2 and 0 <= end["saturated"] <= 1
+    term = json.loads((out / "teacher_term.json").read_text())  # per-pair u behind the stats, and their plot
+    assert (len(term["u"]["start"]), len(term["u"]["end"]), term["beta2"], term["margin"]) == (6, 2, 0.1, "sum")
+    assert sum(term["u"]["start"]) / 6 == pytest.approx(start["u_mean"]) and "u" not in metrics["final"]
+    assert (out / "teacher_term.png").stat().st_size > 10_000
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(out / "model")  # plain model, LoRA merged in
@@ -190,6 +194,7 @@ def test_pipeline_end_to_end_lora_with_kd_and_resume_guards(tiny, tmp_path):
     for name in ("teacher.jsonl", "dsft", "student.jsonl", "scores.pt"):
         assert (other / name).is_symlink(), name
     assert m2["dsft"] == metrics["dsft"] and m2["final"]["nll"] != metrics["final"]["nll"]
+    assert json.loads((other / "teacher_term.json").read_text())["beta2"] == 0.0  # dDPO: u = β1·Δ_ref
     m3 = run_recover(tiny["student"], tiny["teacher"], tiny["prompts"], tmp_path / "kd",
                      {**cfg, "method": "kd", "kd": {"kind": "jsd", "top_k": 4}}, reuse=[out, other])
     assert (tmp_path / "kd" / "scores.pt").is_symlink() and "reward_acc" not in m3["final"]

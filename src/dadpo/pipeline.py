@@ -239,24 +239,70 @@ def plan(recipe: Recipe) -> list[Stage]:
 BENCH_METHODS = ("none", "dsft", "kd", "dpo", "dadpo")
 
 
+def split_methods(text: str) -> list[str]:
+    """`--methods` items: split on commas outside brackets, so `dadpo@lora.target_modules=[q_proj,v_proj]`
+    stays one item."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [m.strip() for m in items if m.strip()]
+
+
+def bench_variants(methods: list[str], base: dict) -> list[tuple[str, object]]:
+    """(label, RecoverConfig) per method of `dadpo bench --methods`, in the order the stages must run.
+
+    An item is a method name, optionally with recover settings after `@`: `dadpo@beta2=0.003`,
+    `dadpo@margin=mean@beta2=0.01`, `kd@kd.kind=rev` (any `recover:` field, dotted for sections; values
+    parsed as YAML). The label is the item as written. `none` (no recovery) has no config; dsft-like work
+    comes first because every later method uses its dSFT model as π_ref. Unknown methods, fields or values
+    are one DadpoError naming the item."""
+    from dadpo.recipe import apply_overrides
+    from dadpo.recover.config import RecoverConfig
+
+    out: list[tuple[str, object]] = []
+    for item in methods:
+        method, *settings = item.split("@")
+        if method not in BENCH_METHODS:
+            raise DadpoError(f"--methods: unknown method {method!r} in {item!r}; choose from "
+                             f"{', '.join(BENCH_METHODS)} (settings after @, e.g. dadpo@beta2=0.01)")
+        if method == "none" and settings:
+            raise DadpoError(f"--methods {item}: none (no recovery) takes no settings")
+        if any(s.partition("=")[0].strip() == "method" for s in settings):
+            raise DadpoError(f"--methods {item}: the method is the name before @, not a setting")
+        if any(label == item for label, _ in out):
+            raise DadpoError(f"--methods: {item} is listed twice")
+        data = apply_overrides(json.loads(json.dumps(base)), settings, flag=f"--methods {item}:")
+        data["method"] = method
+        out.append((item, None if method == "none" else
+                    RecoverConfig.parse(data, name=lambda loc, item=item: f"--methods {item}: recover.{loc}")))
+    return sorted(out, key=lambda v: BENCH_METHODS.index(v[0].split("@")[0]))
+
+
 def bench_plan(recipe: Recipe, methods: list[str]) -> list[Stage]:
     """Prune once, recover once per method (sharing teacher answers, dSFT and scores), evaluate all.
 
-    `none` is the student without recovery. dsft runs first: its dSFT model is every later method's π_ref.
+    `methods` are `bench_variants` items; `none` is the student without recovery. A variant whose settings
+    leave the shared work unchanged (β, margin, lr, epochs, KD weighting…) reuses it from its siblings.
     Work that `dadpo run` of the same recipe already did (its recover/ and evaluate/ dirs) is reused too.
     """
     from dadpo.recover.config import RecoverConfig
 
     out = Path(recipe.output_dir)
-    base = (recipe.recover or RecoverConfig()).model_dump()
+    base = (recipe.recover or RecoverConfig()).model_dump(mode="json")
     stages = [prune_stage(recipe, out)] if recipe.pruned else []
-    students = {"none": student_path(recipe, out)} if "none" in methods else {}
+    students: dict[str, str] = {}
     runs: list[Path] = [out / "recover"]
-    for m in sorted((m for m in methods if m != "none"), key=BENCH_METHODS.index):
-        cfg = RecoverConfig.parse({**base, "method": m})
-        d = out / "bench" / f"recover-{m}"
-        stages.append(recover_stage(recipe, out, f"bench/recover-{m}", cfg, reuse=list(runs)))
-        students[m] = str(d / "model")
+    for label, cfg in bench_variants(methods, base):
+        if cfg is None:
+            students[label] = student_path(recipe, out)
+            continue
+        d = out / "bench" / f"recover-{label}"
+        stages.append(recover_stage(recipe, out, f"bench/recover-{label}", cfg, reuse=list(runs)))
+        students[label] = str(d / "model")
         runs.append(d)
     stages.append(evaluate_stage(recipe, out, students, [s.name for s in stages], "bench/evaluate",
                                  reuse=[out / "evaluate"]))

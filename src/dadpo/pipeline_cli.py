@@ -47,7 +47,9 @@ def register(sub) -> None:
                        "and evaluate each method, and write one table + plot to OUT/bench/.")
     b.add_argument("recipe", help="recipe YAML file")
     b.add_argument("--methods", default="none,dsft,dpo,dadpo",
-                   help="comma-separated of none (no recovery), dsft, kd, dpo, dadpo (default %(default)s)")
+                   help="comma-separated of none (no recovery), dsft, kd, dpo, dadpo, each optionally with "
+                   "recover settings after @ (a variant: dadpo@beta2=0.003, dadpo@margin=mean@beta2=0.01); "
+                   "variants share the teacher answers, dSFT and scores (default %(default)s)")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     b.add_argument("--out", help="override output_dir")
     b.set_defaults(func=cmd_bench)
@@ -119,14 +121,12 @@ def cmd_bench(args) -> int:
     import sys
 
     from dadpo.bench import check_bench_dir, write_bench
-    from dadpo.pipeline import BENCH_METHODS, bench_plan, run_recipe
+    from dadpo.pipeline import BENCH_METHODS, bench_plan, run_recipe, split_methods
     from dadpo.recipe import load_recipe
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in BENCH_METHODS]
-    if bad or not methods:
-        raise DadpoError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from "
-                         f"{', '.join(BENCH_METHODS)}")
+    methods = split_methods(args.methods)
+    if not methods:
+        raise DadpoError(f"--methods: none given; choose from {', '.join(BENCH_METHODS)}")
     overrides = list(args.overrides) + ([f"output_dir={args.out}"] if args.out else [])
     recipe = load_recipe(args.recipe, overrides)
     if recipe.evaluate is None:

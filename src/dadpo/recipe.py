@@ -100,7 +100,7 @@ def _describe(err: dict) -> str:
     return f"{path}: {msg}{'' if quiet else f' (got {got!r:.60})'}"
 
 
-def _set_path(data: dict, dotted: str, value: Any) -> None:
+def _set_path(data: dict, dotted: str, value: Any, flag: str) -> None:
     keys = dotted.split(".")
     node = data
     for i, k in enumerate(keys[:-1]):
@@ -108,22 +108,23 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
         if nxt is None:
             nxt = node[k] = {}
         if not isinstance(nxt, dict):
-            raise DadpoError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a section")
+            raise DadpoError(f"{flag} {dotted}: {'.'.join(keys[: i + 1])} is not a section")
         node = nxt
     node[keys[-1]] = value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `key.path=value` overrides; values are parsed as YAML (`0.1`, `true`, `[a, b]`)."""
+def apply_overrides(data: dict, overrides: list[str], flag: str = "--set") -> dict:
+    """Apply `key.path=value` overrides; values are parsed as YAML (`0.1`, `true`, `[a, b]`). Errors name
+    `flag` (the option the overrides came from)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip() or any(not k for k in key.split(".")):
-            raise DadpoError(f"--set {item!r}: expected KEY.PATH=VALUE")
+            raise DadpoError(f"{flag} {item!r}: expected KEY.PATH=VALUE")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
-        _set_path(data, key.strip(), value)
+        _set_path(data, key.strip(), value, flag)
     return data
 
 

@@ -87,9 +87,13 @@ def run_recover(student: str, teacher: str, prompts: str, out_dir: str | os.Path
         if cfg.method != "dsft":
             metrics["final"].update(_eval_pairs(str(final_dir), examples[len(train_recs):], scores, cfg))
     if cfg.needs_pairs:  # how the teacher term acts: training pairs at the start, held-out pairs at the end
-        metrics["teacher_term"] = {"start": _start_teacher_term(examples[: len(train_recs)], scores, cfg)}
+        start, u = _start_teacher_term(examples[: len(train_recs)], scores, cfg)
+        metrics["teacher_term"] = {"start": start}
+        us = {"start": u}
         if "teacher_term" in metrics.get("final", {}):
             metrics["teacher_term"]["end"] = metrics["final"].pop("teacher_term")
+            us["end"] = metrics["final"].pop("u")
+        _teacher_term_report(out, us, cfg)
     atomic_write_json(out / "metrics.json", metrics)
     log.info("recover done: %s", metrics)
     return metrics
@@ -407,15 +411,28 @@ def _eval_pairs(spec: str, examples: list[dict], scores: dict, cfg: RecoverConfi
     return {"reward_acc": (d_ref > 0).float().mean().item(), "objective_acc": (u > 0).float().mean().item(),
             "margin_ref": d_ref.mean().item(),
             "margin_te": d_te.mean().item(), "pairs": len(d_ref),
-            "teacher_term": teacher_term_stats(d_ref, d_te, cfg.beta1, beta2)}
+            "teacher_term": teacher_term_stats(d_ref, d_te, cfg.beta1, beta2), "u": u.tolist()}
 
 
-def _start_teacher_term(examples: list[dict], scores: dict, cfg: RecoverConfig) -> dict:
-    """`teacher_term_stats` of the training pairs as training starts: the policy is π_ref then, so Δ_ref = 0
-    and Δ_te = (log π_ref − log π_te)(y_c) − (…)(y_r), from the cached scores alone."""
+def _start_teacher_term(examples: list[dict], scores: dict, cfg: RecoverConfig) -> tuple[dict, list[float]]:
+    """`teacher_term_stats` and per-pair u of the training pairs as training starts: the policy is π_ref
+    then, so Δ_ref = 0 and Δ_te = (log π_ref − log π_te)(y_c) − (…)(y_r), from the cached scores alone."""
     batch = {k: torch.tensor([scores[ex["id"]][k] for ex in examples], dtype=torch.float64)
              for k in ("ref_chosen_logps", "ref_rejected_logps", "teacher_chosen_logps", "teacher_rejected_logps")}
     counts = torch.tensor([len(ex["chosen_ids"]) for ex in examples] + [len(ex["rejected_ids"]) for ex in examples])
     sums = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
     d_ref, d_te = dadpo_margins(*pair_logps(sums, counts, batch, len(examples), cfg.margin))
-    return teacher_term_stats(d_ref, d_te, cfg.beta1, cfg.beta2 if cfg.method == "dadpo" else 0.0)
+    beta2 = cfg.beta2 if cfg.method == "dadpo" else 0.0
+    return teacher_term_stats(d_ref, d_te, cfg.beta1, beta2), (cfg.beta1 * d_ref + beta2 * d_te).tolist()
+
+
+def _teacher_term_report(out: Path, u: dict[str, list[float]], cfg: RecoverConfig) -> None:
+    """teacher_term.json (per-pair u at the start and end) and its plot, teacher_term.png."""
+    from dadpo.recover.report import plot_teacher_term
+
+    beta2 = cfg.beta2 if cfg.method == "dadpo" else 0.0
+    atomic_write_json(out / "teacher_term.json", {"beta1": cfg.beta1, "beta2": beta2, "margin": cfg.margin, "u": u})
+    history = out / "train" / "log_history.json"
+    title = f"{cfg.method}: β1 = {cfg.beta1:g}, β2 = {beta2:g}, margin = {cfg.margin}"
+    plot_teacher_term(out / "teacher_term.png", u, json.loads(history.read_text()) if history.is_file() else [],
+                      title)
