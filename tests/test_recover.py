@@ -70,6 +70,16 @@ def test_config_errors_are_one_line_naming_the_field(data, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_logging_backend_that_is_not_installed_is_refused_up_front(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(DadpoError, match=r"^recover.report_to: wandb is not installed in this environment"):
+        RecoverConfig.parse({"report_to": "wandb"})
+    assert RecoverConfig.parse({"report_to": "tensorboard", "logging_steps": 5}).logging_steps == 5
+
+
 def test_config_kd_method_defaults_weight_and_roundtrips():
     cfg = RecoverConfig.parse({"method": "kd", "kd": {"kind": "jsd"}})
     assert cfg.kd.weight == 1.0 and cfg.needs_topk and not cfg.needs_pairs
@@ -164,7 +174,7 @@ def test_few_dpo_steps_raise_the_margin_on_real_smollm(smollm_dir, tmp_path):
 
 def test_pipeline_end_to_end_lora_with_kd_and_resume_guards(tiny, tmp_path):
     out = tmp_path / "run"
-    cfg = {**TINY_CFG, "method": "dadpo", "kd": {"weight": 0.5, "top_k": 4},
+    cfg = {**TINY_CFG, "method": "dadpo", "kd": {"weight": 0.5, "top_k": 4}, "report_to": "tensorboard",
            "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
     metrics = run_recover(tiny["student"], tiny["teacher"], tiny["prompts"], out, cfg)
     assert {"start", "dsft", "final"} <= set(metrics) and metrics["final"]["pairs"] == 2
@@ -174,6 +184,9 @@ def test_pipeline_end_to_end_lora_with_kd_and_resume_guards(tiny, tmp_path):
     assert (len(term["u"]["start"]), len(term["u"]["end"]), term["beta2"], term["margin"]) == (6, 2, 0.1, "sum")
     assert sum(term["u"]["start"]) / 6 == pytest.approx(start["u_mean"]) and "u" not in metrics["final"]
     assert (out / "teacher_term.png").stat().st_size > 10_000
+    assert (out / "training_curves.png").stat().st_size > 10_000  # loss, margins, accuracies, KD per step
+    for stage in ("dsft", "train"):  # tensorboard event files survive the checkpoints' removal
+        assert list((out / stage / "tb").glob("events.out.tfevents.*")), stage
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(out / "model")  # plain model, LoRA merged in

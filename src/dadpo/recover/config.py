@@ -91,6 +91,11 @@ class RecoverConfig(_Section):
     seed: int = 0
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     save_steps: int = Field(50, ge=1, description="Trainer checkpoint every N optimizer steps (resume point)")
+    logging_steps: int = Field(1, ge=1, description="Trainer log (loss, margins, accuracies) every N optimizer steps")
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "none", description="where the Trainer also sends its logs: tensorboard (event files in each training "
+        "stage's folder, under tb/) or wandb (its own project settings from WANDB_* variables); "
+        "log_history.json and training_curves.png are written either way")
     skip_prompts: int = Field(0, ge=0, description="ignore the first N prompts of the set, e.g. the rows an "
                               "evaluation set holds out (Dolly: evaluate.dolly_heldout); never trained on")
     train_prompts: int | None = Field(None, ge=1, description="train on this many prompts (after the held-out)")
@@ -104,6 +109,16 @@ class RecoverConfig(_Section):
     def _beta_positive(cls, v: float) -> float:
         if v <= 0:
             raise ValueError(f"must be > 0, got {v}")
+        return v
+
+    @field_validator("report_to")
+    @classmethod
+    def _backend_installed(cls, v: str) -> str:
+        """The Trainer would fail on a missing backend only after the teacher has answered every prompt."""
+        import importlib.util
+
+        if v != "none" and importlib.util.find_spec(v) is None:
+            raise ValueError(f"{v} is not installed in this environment (pip install {v})")
         return v
 
     @model_validator(mode="after")

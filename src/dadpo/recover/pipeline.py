@@ -94,6 +94,7 @@ def run_recover(student: str, teacher: str, prompts: str, out_dir: str | os.Path
             metrics["teacher_term"]["end"] = metrics["final"].pop("teacher_term")
             us["end"] = metrics["final"].pop("u")
         _teacher_term_report(out, us, cfg)
+    _training_curves(out, cfg)
     atomic_write_json(out / "metrics.json", metrics)
     log.info("recover done: %s", metrics)
     return metrics
@@ -157,7 +158,7 @@ def _claim(out: Path, manifest: dict, overwrite: bool) -> None:
 #: artefacts that do not depend on the last stage's method, β, lr, epochs or KD weighting
 _SHARED = ("teacher.jsonl", "start_nll.json", "dsft", "dsft_nll.json", "student.jsonl", "scores.pt")
 _METHOD_ONLY = ("method", "beta1", "beta2", "margin", "lr", "epochs", "kd", "activation_checkpointing",
-                "save_steps")
+                "save_steps", "logging_steps", "report_to")
 
 
 def _shared_key(manifest: dict) -> dict:
@@ -294,8 +295,9 @@ def training_args(cfg: RecoverConfig, stage: str, ckpt: Path, **overrides):
         output_dir=str(ckpt), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.dsft.lr if dsft else cfg.lr,
         num_train_epochs=cfg.dsft.epochs if dsft else cfg.epochs, lr_scheduler_type="cosine",
-        warmup_steps=cfg.warmup_ratio, logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=2, bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed, report_to="none",
+        warmup_steps=cfg.warmup_ratio, logging_steps=cfg.logging_steps, save_strategy="steps",
+        save_steps=cfg.save_steps, save_total_limit=2, bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed,
+        report_to="none" if cfg.report_to == "tensorboard" else cfg.report_to,  # tensorboard: `build_trainer`
         remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False, weight_decay=0.0,
         optim="adamw_torch_fused",  # one fused kernel per step instead of foreach ops (~0.15 s of a 6 s CPU step)
         use_cpu=not torch.cuda.is_available())  # bf16 autocast on CPU needs use_cpu explicitly
@@ -314,8 +316,15 @@ def build_trainer(model, tok, examples: list[dict], cfg: RecoverConfig, stage: s
         model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                                                  target_modules=lc.target_modules, task_type="CAUSAL_LM"))
     model.config.use_cache = False
+    callbacks = []
+    if cfg.report_to == "tensorboard":  # event files beside the stage's model, not under the checkpoints removed after
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(SummaryWriter(str(ckpt.parent / "tb"))))
     return RecoverTrainer(model=model, args=training_args(cfg, stage, ckpt, **overrides), train_dataset=examples,
-                          data_collator=PairCollator(tok.pad_token_id), recover=cfg, stage=stage)
+                          data_collator=PairCollator(tok.pad_token_id), recover=cfg, stage=stage,
+                          callbacks=callbacks)
 
 
 def _train(spec: str, examples: list[dict], cfg: RecoverConfig, stage: str, work: Path,
@@ -436,3 +445,13 @@ def _teacher_term_report(out: Path, u: dict[str, list[float]], cfg: RecoverConfi
     title = f"{cfg.method}: β1 = {cfg.beta1:g}, β2 = {beta2:g}, margin = {cfg.margin}"
     plot_teacher_term(out / "teacher_term.png", u, json.loads(history.read_text()) if history.is_file() else [],
                       title)
+
+
+def _training_curves(out: Path, cfg: RecoverConfig) -> None:
+    """training_curves.png from the stages' log histories (dSFT, then the method's own stage)."""
+    from dadpo.recover.report import plot_training_curves
+
+    histories = {stage: json.loads(p.read_text()) for stage, p in
+                 (("dsft", out / "dsft" / "log_history.json"), (cfg.method, out / "train" / "log_history.json"))
+                 if p.is_file()}
+    plot_training_curves(out / "training_curves.png", histories, f"recover {cfg.method}: per-step training logs")

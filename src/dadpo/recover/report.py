@@ -1,6 +1,8 @@
-"""teacher_term.png of a preference run: how daDPO's teacher term acts on its pairs.
+"""Plots of a recover run: training_curves.png (every run) and teacher_term.png (preference runs).
 
-Each pair's gradient is scaled by w = σ(−u), u = β1·Δ_ref + β2·Δ_te (`losses.teacher_term_stats`). The
+training_curves.png follows each training stage's loss, and for dDPO/daDPO the margins and accuracies,
+per logged step, from the Trainer's log history. teacher_term.png shows how daDPO's teacher term acts
+on the pairs. Each pair's gradient is scaled by w = σ(−u), u = β1·Δ_ref + β2·Δ_te (`losses.teacher_term_stats`). The
 left panel shows u over the training pairs as training starts (policy = π_ref, so u = β2·Δ_te) and over
 the held-out pairs under the trained policy, with the line past which w > 0.99 (saturated: the teacher
 then only rescales dDPO's direction). The right panel follows the mean w and the saturated share of each
@@ -50,6 +52,55 @@ def plot_teacher_term(path: Path, u: dict[str, list[float]], log_history: list[d
     right.set_ylim(-0.03, 1.03)
     right.set_xlabel("optimizer step")
     right.set_title("per training step", fontsize=10)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+#: panels of the training curves: (title, [(log key, label)], keys drawn on a second y axis)
+_PANELS = [("loss", [("loss", "loss")], ()),
+           ("margins (nats)", [("margin_ref", "Δ_ref"), ("margin_te", "Δ_te (right axis)")], ("margin_te",)),
+           ("pair accuracy", [("reward_acc", "reward acc (Δ_ref > 0)"),
+                              ("objective_acc", "objective acc (u > 0)")], ()),
+           ("token KD", [("kd", "KD divergence")], ())]
+
+
+def _running_mean(ys: tuple[float, ...], window: int) -> list[float]:
+    """Mean of the last `window` values at each point (fewer at the start): the trend through noisy steps."""
+    return [sum(ys[max(0, i + 1 - window): i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(ys))]
+
+
+def plot_training_curves(path: Path, histories: dict[str, list[dict]], title: str) -> None:
+    """Write per-step curves of every stage in `histories` (stage name → the Trainer's log history) to
+    `path`: loss, then the margins, pair accuracies and KD term where the stage logged them; each logged
+    value faint, its running mean over a tenth of the steps solid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {stage: [r for r in h if "loss" in r and "step" in r] for stage, h in histories.items()}
+    panels = [p for p in _PANELS if any(k in r for h in rows.values() for r in h for k, _ in p[1])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.5), squeeze=False)
+    for ax, (name, keys, right) in zip(axes[0], panels, strict=True):
+        twin = ax.twinx() if right else None
+        colors = (f"C{k}" for k in range(10 ** 3))  # one cycle over both y axes
+        for stage, h in rows.items():
+            for key, label in keys:
+                pts = [(r["step"], r[key]) for r in h if key in r]
+                if pts:
+                    target = twin if key in right else ax
+                    xs, ys = zip(*pts, strict=True)
+                    color, ls = next(colors), "--" if key in right else "-"
+                    target.plot(xs, ys, color=color, alpha=0.3, lw=0.8, ls=ls)
+                    target.plot(xs, _running_mean(ys, max(1, len(ys) // 10)), color=color, ls=ls,
+                                label=f"{stage}: {label}")
+        handles = [h for a in (ax, twin) if a for h in a.get_legend_handles_labels()[0]]
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=7)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("optimizer step")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(path, ".png") as tmp:
