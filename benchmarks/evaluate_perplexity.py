@@ -13,9 +13,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from dadpo.evaluate.perplexity import load_corpus, perplexity  # noqa: E402
 from dadpo.io import atomic_write_json  # noqa: E402
 from dadpo.models import load_model  # noqa: E402
+from dadpo.perplexity import load_corpus, perplexity  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

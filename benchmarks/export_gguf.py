@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dadpo.evaluate.perplexity import load_corpus, perplexity
 from dadpo.export import export_gguf
 from dadpo.models import load_model
+from dadpo.perplexity import load_corpus, perplexity
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "2 + 2 =", "Name three colours."]
 

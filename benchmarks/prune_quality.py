@@ -19,8 +19,8 @@ import os
 import time
 from pathlib import Path
 
-from dadpo.evaluate.perplexity import load_corpus, perplexity
 from dadpo.models import load_model
+from dadpo.perplexity import load_corpus, perplexity
 from dadpo.prune import PruneConfig, prune
 
 

@@ -75,8 +75,8 @@ def test_sampled_answers_do_not_depend_on_the_batch(smollm, precision):
 
 def _pruned_tiny(tok_dir: Path, seed: int = 0):
     """A random 3-layer non-uniform prune (per-layer MLP widths, query and key/value heads), as dadpo saves."""
-    import dadpo.prune  # noqa: F401  (registers the pruned classes)
-    from dadpo.prune.modeling_dadpo_pruned import PRUNED_CLASSES
+    import dadpo.modeling_dadpo_pruned  # noqa: F401  (registers the pruned classes)
+    from dadpo.modeling_dadpo_pruned import PRUNED_CLASSES
 
     config_cls, model_cls = PRUNED_CLASSES["llama"]
     from transformers import AutoTokenizer

@@ -335,7 +335,7 @@ def test_seed_caches_copies_only_matching_finished_work(tmp_path):
 
 
 def test_ptb_is_joined_like_the_hubs_stripped_rows(data_dir, tmp_path):
-    from dadpo.evaluate.perplexity import load_corpus
+    from dadpo.perplexity import load_corpus
 
     text = load_corpus("ptb", data_dir)
     assert text.startswith("no it was n't black monday but while the new york stock exchange")
@@ -352,7 +352,7 @@ def test_perplexity_windows_prefix_and_stride(smollm):
 
     import torch
 
-    from dadpo.evaluate.perplexity import perplexity
+    from dadpo.perplexity import perplexity
 
     model, tok = smollm
     text = "The quick brown fox jumps over the lazy dog. " * 12

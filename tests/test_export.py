@@ -218,8 +218,8 @@ def test_gguf_of_the_prune_matches_transformers_in_llama_cpp(smollm_prune, hf_pr
 
 def test_gguf_perplexity_matches_transformers(smollm_prune, hf_prune, tmp_path, data_dir):
     """WikiText-2, first 40 windows of 128 tokens: f16 within 1% of transformers' perplexity, q8_0 within 2%."""
-    from dadpo.evaluate.perplexity import load_corpus, perplexity
     from dadpo.export import export_gguf
+    from dadpo.perplexity import load_corpus, perplexity
 
     model, tok = hf_prune
     text = load_corpus("wikitext2", data_dir)[:60_000]

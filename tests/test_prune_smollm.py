@@ -37,7 +37,7 @@ def test_real_model_ratio_heads_and_answers(smollm_copy):
 
 @pytest.mark.slow
 def test_taylor_20_percent_stays_within_3x_dense_perplexity(smollm_copy, data_aliases):
-    from dadpo.evaluate.perplexity import load_corpus, perplexity
+    from dadpo.perplexity import load_corpus, perplexity
 
     model, tok = smollm_copy
     text = load_corpus("wikitext2")

@@ -43,19 +43,13 @@ def add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> No
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off)")
 
 
-#: (module with `register(subparsers)`, command, summary) for each stage's commands
-STAGES = (
-    ("dadpo.prune.cli", "prune", "prune a model to a parameter ratio"),
-    ("dadpo.recover.cli", "recover", "distil a pruned student from its teacher"),
-    ("dadpo.evaluate.cli", "evaluate", "compare students with the teacher"),
-    ("dadpo.pipeline_cli", "run", "run a recipe YAML end to end (also prune-recover, demo, bench)"),
-    ("dadpo.export", "export", "write a model as a llama.cpp GGUF"),
-)
+#: modules with `register(subparsers)`: each stage's commands, after `generate`
+STAGE_CLIS = ("dadpo.prune.cli", "dadpo.recover.cli", "dadpo.evaluate.cli", "dadpo.pipeline_cli", "dadpo.export")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from dadpo import __version__
-    from dadpo.models import DEFAULT_MODEL
+    from dadpo.embedded import DEFAULT_MODEL
 
     parser = _Parser(prog="dadpo", description=(
         "Prune a chat LLM, recover it by distillation from its teacher (daDPO and baselines), "
@@ -80,21 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_args(g)
     g.set_defaults(func=cmd_generate)
 
-    for module, name, what in STAGES:
-        try:
-            register = importlib.import_module(module).register
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            s = sub.add_parser(name, help=f"{what} (not implemented yet)", description=f"{what}.")
-            s.set_defaults(func=_not_implemented)
-        else:
-            register(sub)
+    for module in STAGE_CLIS:
+        importlib.import_module(module).register(sub)
     return parser
-
-
-def _not_implemented(args) -> int:
-    raise DadpoError(f"`dadpo {args.command}` is not implemented yet")
 
 
 def cmd_generate(args) -> int:

@@ -27,10 +27,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from dadpo.errors import DadpoError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ def pre_tokenizer_name(pre: dict | None) -> str | None:
 
 def _config(model_dir: Path) -> dict:
     from dadpo.io import load_json_object
-    from dadpo.prune.modeling_dadpo_pruned import FAMILIES  # the families dadpo prunes: the ones exported
+    from dadpo.modeling_dadpo_pruned import FAMILIES  # the families dadpo prunes: the ones exported
 
     cfg = load_json_object(model_dir / "config.json", f"export: {model_dir}")
     family = str(cfg.get("model_type", "")).removeprefix("dadpo_pruned_")
@@ -134,6 +136,7 @@ def _stored(name: str, w: np.ndarray, outtype: str, kept_f16: list[str], output:
     """(array, raw ggml type or None) for tensor `name` in `outtype`; `output` names the tensor that
     llama.cpp's output layer reads (f32 in an f16 export)."""
     import gguf
+    import numpy as np
 
     if w.ndim == 1 or outtype == "f32" or (outtype == "f16" and name == output):
         return w.astype(np.float32), None

@@ -5,7 +5,7 @@ config plus three per-layer lists (`layer_intermediate_sizes`, `layer_num_attent
 `layer_num_key_value_heads`), and `DadpoPruned<Family>ForCausalLM`, the family's model whose `__init__`
 resizes each layer's projections to those widths before weights load. Both are registered with
 `AutoConfig` / `AutoModelForCausalLM` under model_type `dadpo_pruned_<family>` when this module is
-imported (`import dadpo.prune` does it), so a saved non-uniform model is plain safetensors + config.json,
+imported (`dadpo.models` does before any load), so a saved non-uniform model is plain safetensors + config.json,
 loadable with `AutoModelForCausalLM.from_pretrained(DIR)` and trainable with peft like its family.
 
 This module imports only torch, transformers and huggingface_hub: `save_pretrained` copies it into every

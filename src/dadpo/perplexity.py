@@ -8,10 +8,6 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm.auto import tqdm
-
 from dadpo.errors import DadpoError
 
 #: name -> (local file under a data dir, hub dataset, hub config, split, text field)
@@ -49,13 +45,15 @@ def load_corpus(name: str, data_dir: str | os.PathLike | None = None) -> str:
     return ("\n\n" if name == "wikitext2" else " ").join(rows)
 
 
-@torch.inference_mode()
 def perplexity(model, tokenizer, text: str, seq_len: int = 128, batch_size: int = 8,
                max_windows: int | None = None, progress: bool = True, window_stride: int = 1) -> dict:
     """Token perplexity of `text` under `model` in non-overlapping `seq_len` windows.
 
     `window_stride` k > 1 scores every k-th window of the whole text (a cheap proxy that, unlike a prefix,
     samples all of it); `max_windows` then caps the count of those."""
+    import torch  # here, not at the top: the recipe schema reads CORPORA and `dadpo --help` needs no torch
+    from tqdm.auto import tqdm
+
     if seq_len < 2:
         raise DadpoError(f"seq_len must be ≥ 2, got {seq_len}")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
@@ -67,8 +65,9 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 128, batch_size: int 
     per_window = []  # mean token NLL of each window (all windows predict seq_len - 1 tokens)
     for start in tqdm(range(0, n_windows, batch_size), desc=f"perplexity@{seq_len}", disable=not progress):
         batch = windows[start:start + batch_size].to(model.device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")
+        with torch.inference_mode():
+            logits = model(input_ids=batch, use_cache=False).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")
         per_window += nll.mean(1).tolist()
     mean = sum(per_window) / n_windows
     return {"ppl": math.exp(mean), "ppl_ci95": window_ci(per_window), "seq_len": seq_len, "windows": n_windows,
@@ -80,6 +79,8 @@ def window_ci(per_window: list[float], samples: int = 1000, seed: int = 0) -> li
     of one text are not independent, so this is a lower bound on the uncertainty)."""
     if len(per_window) < 2:
         return None
+    import numpy as np
+
     x = np.asarray(per_window)
     means = x[np.random.default_rng(seed).integers(0, len(x), size=(samples, len(x)))].mean(1)
     return [math.exp(v) for v in np.percentile(means, [2.5, 97.5])]

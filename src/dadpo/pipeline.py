@@ -174,7 +174,7 @@ def named_models(recipe: Recipe) -> list[str]:
     return [recipe.teacher] + ([] if recipe.pruned else [recipe.student])
 
 
-def prune_stage(recipe: Recipe, out: Path) -> Stage:
+def prune_stage(recipe: Recipe) -> Stage:
     def run(d: Path, resume: bool) -> dict:
         from dadpo.prune import prune_to_dir
 
@@ -205,7 +205,7 @@ def recover_stage(recipe: Recipe, out: Path, name: str = "recover", config=None,
                         **_dump(cfg)}, run, ["prune"] if recipe.pruned else [], named_models(recipe))
 
 
-def evaluate_stage(recipe: Recipe, out: Path, students: dict[str, str], upstream: list[str],
+def evaluate_stage(recipe: Recipe, students: dict[str, str], upstream: list[str],
                    name: str = "evaluate", reuse: list[Path] = ()) -> Stage:
     """Evaluate `students` against the teacher; `reuse` lists sibling evaluate runs whose cached answers,
     metrics and verdicts of the same models are copied in instead of recomputed."""
@@ -224,7 +224,7 @@ def plan(recipe: Recipe) -> list[Stage]:
     stages: list[Stage] = []
     students: dict[str, str] = {}
     if recipe.pruned:
-        stages.append(prune_stage(recipe, out))
+        stages.append(prune_stage(recipe))
         students["pruned"] = student_path(recipe, out)
     elif recipe.student:
         students["student"] = recipe.student
@@ -232,7 +232,7 @@ def plan(recipe: Recipe) -> list[Stage]:
         stages.append(recover_stage(recipe, out))
         students[f"{recipe.recover.method}"] = str(out / "recover" / "model")
     if recipe.evaluate:
-        stages.append(evaluate_stage(recipe, out, students, [s.name for s in stages]))
+        stages.append(evaluate_stage(recipe, students, [s.name for s in stages]))
     return stages
 
 
@@ -293,7 +293,7 @@ def bench_plan(recipe: Recipe, methods: list[str]) -> list[Stage]:
 
     out = Path(recipe.output_dir)
     base = (recipe.recover or RecoverConfig()).model_dump(mode="json")
-    stages = [prune_stage(recipe, out)] if recipe.pruned else []
+    stages = [prune_stage(recipe)] if recipe.pruned else []
     students: dict[str, str] = {}
     runs: list[Path] = [out / "recover"]
     for label, cfg in bench_variants(methods, base):
@@ -304,7 +304,7 @@ def bench_plan(recipe: Recipe, methods: list[str]) -> list[Stage]:
         stages.append(recover_stage(recipe, out, f"bench/recover-{label}", cfg, reuse=list(runs)))
         students[label] = str(d / "model")
         runs.append(d)
-    stages.append(evaluate_stage(recipe, out, students, [s.name for s in stages], "bench/evaluate",
+    stages.append(evaluate_stage(recipe, students, [s.name for s in stages], "bench/evaluate",
                                  reuse=[out / "evaluate"]))
     return stages
 
@@ -398,7 +398,8 @@ def _check_held_out(recipe: Recipe, stages: list[Stage]) -> None:
 def _check_models(recipe: Recipe) -> None:
     """Resolve the model specs that resolve cheaply (local folders, hub ids); a GGUF or an alias is converted
     on first use, which is the stage's work."""
-    from dadpo.models import EMBEDDED_MODELS, resolve_model
+    from dadpo.embedded import EMBEDDED_MODELS
+    from dadpo.models import resolve_model
 
     specs = [("teacher", recipe.teacher)] + ([] if recipe.pruned else [("student", recipe.student)])
     judge = recipe.evaluate and recipe.evaluate.judge

@@ -13,10 +13,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dadpo.embedded import DEFAULT_MODEL
 from dadpo.errors import DadpoError
 from dadpo.evaluate.config import EvalConfig
 from dadpo.io import read_yaml
-from dadpo.models import DEFAULT_MODEL
 from dadpo.prune import PruneConfig
 from dadpo.recover.config import RecoverConfig
 

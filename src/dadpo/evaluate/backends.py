@@ -19,10 +19,14 @@ import torch
 from tqdm.auto import tqdm
 
 from dadpo.errors import DadpoError
+from dadpo.evaluate.config import JudgeConfig
 from dadpo.evaluate.judge import VERDICTS, PairItem, VerdictCache, cache_key, judge_messages, parse_verdict
 
 log = logging.getLogger(__name__)
 
+
+#: the endpoint settings' defaults are JudgeConfig's (one definition per setting)
+_DEFAULTS = JudgeConfig(kind="openai")
 
 class Judge:
     """Base: `judge(items, cache)` returns one cached row per item: {key, verdict (A/B/C or None), ...}.
@@ -60,11 +64,11 @@ class OpenAIJudge(Judge):
         model: str,
         api_key_env: str | None = "OPENAI_API_KEY",
         *,
-        concurrency: int = 4,
-        retries: int = 3,
-        timeout: float = 60.0,
-        backoff: float = 1.0,
-        max_tokens: int = 512,
+        concurrency: int = _DEFAULTS.concurrency,
+        retries: int = _DEFAULTS.retries,
+        timeout: float = _DEFAULTS.timeout,
+        backoff: float = _DEFAULTS.backoff,
+        max_tokens: int = _DEFAULTS.max_tokens,
     ):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.concurrency, self.retries = model, concurrency, retries

@@ -9,8 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from dadpo.evaluate.perplexity import CORPORA
 from dadpo.evaluate.zeroshot import TASKS
+from dadpo.perplexity import CORPORA
 
 #: built-in evaluation prompt sets (aliases of `dadpo.data`); any other set is given as NAME=PATH
 EVAL_SETS = ("dolly", "vicuna_bench", "mt_bench", "self_instruct", "alpaca_eval")

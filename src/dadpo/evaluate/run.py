@@ -28,13 +28,13 @@ from dadpo.evaluate.answers import (
 from dadpo.evaluate.backends import Judge, LocalJudge, OpenAIJudge
 from dadpo.evaluate.config import EvalConfig, JudgeConfig
 from dadpo.evaluate.judge import VerdictCache
-from dadpo.evaluate.perplexity import load_corpus, perplexity
 from dadpo.evaluate.reference import diagnostics, paired_difference, prompt_scores, seed_average, seed_summary
 from dadpo.evaluate.report import write_plots, write_report
 from dadpo.evaluate.stats import calibrated_margin, combine, judge_validity, pairwise_summary, summarize
 from dadpo.evaluate.zeroshot import run_zeroshot
 from dadpo.io import atomic_write_json, atomic_write_text, read_jsonl
 from dadpo.models import model_stamp
+from dadpo.perplexity import load_corpus, perplexity
 
 log = logging.getLogger(__name__)
 

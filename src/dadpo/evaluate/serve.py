@@ -186,7 +186,8 @@ def _completion(name: str, text: str, n_prompt: int, n_tokens: int, stopped: boo
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dadpo.models import DEFAULT_MODEL, load_model
+    from dadpo.embedded import DEFAULT_MODEL
+    from dadpo.models import load_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="model spec to serve (default %(default)s)")

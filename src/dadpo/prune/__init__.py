@@ -12,17 +12,24 @@ Design
   (uniform) or by removing the lowest score-per-parameter units across layers (global).
 - Saving: uniform results are plain models of their family (config widths updated), loadable with
   `AutoModelForCausalLM.from_pretrained` anywhere. Non-uniform results use `DadpoPruned<Family>` config
-  and model classes (`dadpo.prune.modeling_dadpo_pruned`) that carry per-layer widths in config.json;
-  importing this package registers them with transformers' Auto classes, so `from_pretrained` loads them
-  too — no pickles. The saved folder also carries that module and an `auto_map`, so without dadpo
-  `from_pretrained(DIR, trust_remote_code=True)` loads it (the way hub models with custom code ship).
+  and model classes (`dadpo.modeling_dadpo_pruned`, below both `dadpo.models` and this stage) that carry
+  per-layer widths in config.json; importing that module (as `dadpo.models` does before loading) registers
+  them with transformers' Auto classes, so `from_pretrained` loads them too — no pickles. The saved folder
+  also carries that module and an `auto_map`, so without dadpo `from_pretrained(DIR, trust_remote_code=True)`
+  loads it (the way hub models with custom code ship).
 
-Modules: `config` (PruneConfig), `modeling_dadpo_pruned` (the classes), `importance` (scores), `plan` (what to cut),
+Modules: `config` (PruneConfig), `importance` (scores), `plan` (what to cut),
 `pruner` (cutting), `api` (prune / prune_to_dir), `report`, `cli` (`dadpo prune`).
 """
 
-from dadpo.prune import modeling_dadpo_pruned as _modeling  # noqa: F401  (registers the DadpoPruned* classes)
-from dadpo.prune.api import prune, prune_to_dir
 from dadpo.prune.config import PruneConfig
 
 __all__ = ["PruneConfig", "prune", "prune_to_dir"]
+
+
+def __getattr__(name: str):
+    if name in ("prune", "prune_to_dir"):  # imported lazily: they pull in torch, `dadpo --help` should not
+        from dadpo.prune import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -137,8 +137,8 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 def _evaluate(model, tok, config: PruneConfig, text: str | None) -> dict:
     """Perplexity (unless skipped) and a greedy answer to the sample prompt."""
-    from dadpo.evaluate.perplexity import perplexity
     from dadpo.generation import GenerationConfig, generate_batch
+    from dadpo.perplexity import perplexity
 
     out: dict = {}
     if text is not None:
@@ -169,8 +169,8 @@ def prune_to_dir(model_spec: str, out_dir, config: PruneConfig, overwrite: bool 
     """Prune a model spec into `out_dir` (safetensors, tokenizer, pruning.json, report.json/md); returns report."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dadpo.evaluate.perplexity import load_corpus
     from dadpo.models import load_model, resolve_model
+    from dadpo.perplexity import load_corpus
     from dadpo.prune.pruner import check_supported
 
     t_start = time.time()

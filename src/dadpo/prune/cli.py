@@ -21,7 +21,8 @@ def register(subparsers) -> None:
         "to an exact fraction of ALL parameters (embeddings counted, ±0.5 pp). Saves safetensors + config + "
         "tokenizer + pruning.json + report.json/report.md (parameters, time, memory, WikiText-2 perplexity "
         "before/after, a sample answer) into --out, atomically. Uniform results load with plain "
-        "AutoModelForCausalLM.from_pretrained; non-uniform ones after `import dadpo.prune`.",
+        "AutoModelForCausalLM.from_pretrained; non-uniform ones after `import dadpo.modeling_dadpo_pruned`, "
+        "or anywhere with trust_remote_code=True (the folder carries that module).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
     p.add_argument("--out", required=True, help="output directory (must be empty or new unless --overwrite)")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -46,7 +46,6 @@ class LayerUnits:
     mlp_scores: torch.Tensor | None = None
     q_scores: torch.Tensor | None = None
     kv_scores: torch.Tensor | None = None
-    stats: dict = field(default_factory=dict)
 
     @property
     def mlp_width(self) -> int:

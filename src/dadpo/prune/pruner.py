@@ -16,8 +16,8 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 from torch import nn
 
 from dadpo.errors import DadpoError
+from dadpo.modeling_dadpo_pruned import FAMILIES, family_of, to_non_uniform
 from dadpo.prune.importance import LayerUnits
-from dadpo.prune.modeling_dadpo_pruned import FAMILIES, family_of, to_non_uniform
 from dadpo.prune.plan import LayerPlan
 
 
@@ -41,7 +41,7 @@ def count_params(model) -> dict[str, int]:
 
 
 def _mlp_graph(mlp: nn.Module, hidden: int):
-    """torch-pruning's dependency graph of one MLP block and the group rooted at gate_proj's outputs."""
+    """torch-pruning's dependency graph of one MLP block (traced alone, so its groups stay inside the block)."""
     import torch_pruning as tp
 
     w = mlp.gate_proj.weight
