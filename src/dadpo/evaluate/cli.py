@@ -25,9 +25,22 @@ def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def default_text(model, field: str) -> str:
+    """A config field's default as the flag would be typed: lists comma-joined, None as "none"."""
+    value = model.model_fields[field].get_default(call_default_factory=True)
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)
+
+
 def register(subparsers) -> None:
-    from dadpo.evaluate.config import EvalConfig, GenerationSettings
+    from dadpo.evaluate.config import EvalConfig, GenerationSettings, JudgeConfig
     from dadpo.evaluate.zeroshot import TASKS
+
+    def described(model, field: str, flag_note: str = "", prefix: str = "") -> str:
+        """The field's description and default, from the config (one definition per setting)."""
+        text = f"{prefix}{model.model_fields[field].description}{flag_note} (default {default_text(model, field)})"
+        return text.replace("%", "%%")  # argparse formats help with %
 
     p = subparsers.add_parser(
         "evaluate",
@@ -49,61 +62,51 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--sets",
-        help=f"evaluation sets, comma-separated: {EvalConfig.model_fields['sets'].description} "
-        f"(default {','.join(EvalConfig().sets)}; 'none' for none)",
+        help=described(EvalConfig, "sets", "; comma-separated, 'none' for none"),
     )
-    p.add_argument(
-        "--limit", type=int, help="first N prompts of each set (default: all; dolly: its --dolly-heldout rows)"
-    )
-    p.add_argument("--dolly-heldout", type=int, help=f"{EvalConfig.model_fields['dolly_heldout'].description} "
-                   f"(default {EvalConfig.model_fields['dolly_heldout'].default})")
+    p.add_argument("--limit", type=int, help=described(EvalConfig, "limit", " (none: all; dolly: its --dolly-heldout "
+                                                                            "rows)"))
+    p.add_argument("--dolly-heldout", type=int, help=described(EvalConfig, "dolly_heldout"))
     j = p.add_argument_group("judge")
     j.add_argument(
         "--judge",
-        help="local:SPEC (an HF chat model, verdict from log-probs; default "
-        "local:smollm2-135m-instruct), openai:MODEL (an OpenAI-compatible endpoint), or none",
+        help=f"local:SPEC (an HF chat model, verdict from log-probs; default local:{default_text(JudgeConfig, 'model')}"
+        "), openai:MODEL (an OpenAI-compatible endpoint), or none",
     )
     j.add_argument(
         "--judge-base-url",
-        help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (default https://api.openai.com/v1)",
+        help=described(JudgeConfig, "base_url", ", e.g. http://127.0.0.1:8000/v1"),
     )
     j.add_argument(
         "--judge-api-key-env",
-        help="environment variable holding the API key, sent to the judge endpoint (default OPENAI_API_KEY; "
-        "'none' for an endpoint without a key). Any name may be given here; a --config file may only name "
-        "variables like *_API_KEY or *_TOKEN",
+        help=described(JudgeConfig, "api_key_env", " ('none' on this command line); the key is sent to the judge "
+                       "endpoint. Any name may be given here; a --config file may only name variables like "
+                       "*_API_KEY or *_TOKEN"),
     )
-    j.add_argument("--judge-concurrency", type=int, help="requests in flight (default 4)")
-    j.add_argument(
-        "--judge-retries", type=int, help="retries per request with exponential backoff (default 3)"
-    )
-    j.add_argument("--judge-timeout", type=float, help="seconds per request (default 120)")
+    j.add_argument("--judge-concurrency", type=int, help=described(JudgeConfig, "concurrency"))
+    j.add_argument("--judge-retries", type=int, help=described(JudgeConfig, "retries"))
+    j.add_argument("--judge-timeout", type=float, help=described(JudgeConfig, "timeout"))
     j.add_argument("--judge-sets", type=lambda v: [x for x in v.split(",") if x],
-                   help="comma-separated names of the sets the judge compares (default: every set)")
+                   help=described(JudgeConfig, "sets", "; comma-separated"))
     z = p.add_argument_group("zero-shot tasks and perplexity")
-    z.add_argument(
-        "--tasks", help=f"lm-eval tasks, comma-separated, of: {', '.join(TASKS)}, or 'all' (default none)"
-    )
-    z.add_argument("--task-limit", type=int, help="items per task (default: full splits)")
-    z.add_argument(
-        "--ppl", help="perplexity corpora, comma-separated: wikitext2, ptb or text files (default none)"
-    )
-    z.add_argument("--seq-lens", help="perplexity window lengths, comma-separated (default 128)")
+    z.add_argument("--tasks", help=f"lm-eval tasks, comma-separated, of: {', '.join(TASKS)}, or 'all' "
+                   f"(default {default_text(EvalConfig, 'tasks')})")
+    z.add_argument("--task-limit", type=int, help=described(EvalConfig, "task_limit"))
+    z.add_argument("--ppl", help=described(EvalConfig, "ppl_corpora", prefix="perplexity corpora, comma-separated, "))
+    z.add_argument("--seq-lens", help=described(EvalConfig, "seq_lens", ", comma-separated"))
     z.add_argument(
         "--data-dir", help="local data folder for tasks and corpora (default $DADPO_DATA_DIR, else the hub)"
     )
     g = p.add_argument_group("answer decoding (ROUGE-L over seeds: MiniLLM's protocol by default)")
     for flag, kind in (("max_new_tokens", int), ("temperature", float), ("top_p", float), ("batch_size", int)):
-        field = GenerationSettings.model_fields[flag]
-        g.add_argument(f"--{flag.replace('_', '-')}", type=kind, help=f"{field.description} (default {field.default})")
-    g.add_argument("--seeds", help=f"comma-separated; {EvalConfig.model_fields['seeds'].description} "
-                   f"(default {','.join(map(str, EvalConfig().seeds))})")
+        g.add_argument(f"--{flag.replace('_', '-')}", type=kind, help=described(GenerationSettings, flag))
+    g.add_argument("--seeds", help=described(EvalConfig, "seeds", "; comma-separated"))
     c = p.add_argument_group("comparisons")
     c.add_argument("--baseline", help=EvalConfig.model_fields["baseline"].description)
     c.add_argument("--compare", help="more pairs A:B of model names, comma-separated, each reported as A − B "
-                   "with its paired 95%% CI")
-    p.add_argument("--bootstrap", type=int, help="bootstrap resamples for the CIs (default 1000)")
-    p.add_argument("--seed", type=int, help=f"{EvalConfig.model_fields['seed'].description} (default 0)")
+                   f"with its paired 95%% CI (default {default_text(EvalConfig, 'compare')})")
+    p.add_argument("--bootstrap", type=int, help=described(EvalConfig, "bootstrap"))
+    p.add_argument("--seed", type=int, help=described(EvalConfig, "seed"))
     p.set_defaults(func=cmd_evaluate)
 
 

@@ -51,7 +51,7 @@ class JudgeConfig(BaseModel):
     max_tokens: int = Field(512, ge=1, description="openai: reply length cap")
     batch_size: int = Field(4, ge=1, description="local: judgements per forward pass")
     sets: list[str] | None = Field(
-        None, description="names of the evaluation sets the judge compares (default: every set); e.g. only the "
+        None, description="names of the evaluation sets the judge compares, none = every set; e.g. only the "
         "sets without references, where ROUGE-L cannot tell models apart")
 
     @field_validator("base_url")
@@ -111,7 +111,7 @@ class EvalConfig(BaseModel):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     judge: JudgeConfig | None = Field(default_factory=JudgeConfig, description="null = no pairwise judging")
     tasks: list[str] = Field(default_factory=list, description=f"zero-shot tasks of {', '.join(TASKS)}")
-    task_limit: int | None = Field(None, ge=1, description="items per zero-shot task (default: full split)")
+    task_limit: int | None = Field(None, ge=1, description="items per zero-shot task; none = the full split")
     task_batch_size: int = Field(16, ge=1)
     data_dir: str | None = Field(
         None,

@@ -27,16 +27,17 @@ def register(subparsers) -> None:
     add_model_args(p)
     p.add_argument("--out", required=True, help="output directory (must be empty or new unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--ratio", type=float, default=0.2, help="fraction of all parameters to remove, in (0, 0.9]")
-    p.add_argument("--importance", default="taylor", choices=IMPORTANCES,
+    p.add_argument("--ratio", type=float, default=default("ratio"),
+                   help="fraction of all parameters to remove, in (0, 0.9]")
+    p.add_argument("--importance", default=default("importance"), choices=IMPORTANCES,
                    help="taylor = |w·dL/dw| on calibration data; activation = |w|·||x||; magnitude = L2")
-    p.add_argument("--targets", default="mlp", choices=TARGETS,
+    p.add_argument("--targets", default=default("targets"), choices=TARGETS,
                    help="prune MLP channels, attention heads, or both (mlp measured best on SmolLM2)")
     p.add_argument("--layers", help='decoder layers to prune as start:end (default: all); keeping the first and '
                    'last layers whole (LLM-Pruner style, e.g. 4:28 of 30) matters a lot for quality')
-    p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
+    p.add_argument("--allocation", default=default("allocation"), choices=ALLOCATIONS,
                    help="uniform = same widths in every pruned layer; global = widths by importance per layer")
-    p.add_argument("--calib", default="dolly",
+    p.add_argument("--calib", default=default("calib"),
                    help="calibration prompt set (alias under $DADPO_DATA_DIR, file, hub id)")
     p.add_argument("--calib-samples", type=int, default=default("calib_samples"), help="calibration sequences")
     p.add_argument("--calib-skip", type=int, default=default("calib_skip"),
@@ -53,8 +54,9 @@ def register(subparsers) -> None:
                    help="ridge damping of the refit, as a fraction of the mean diagonal of XᵀX")
     p.add_argument("--mlp-round-to", type=int, default=default("mlp_round_to"),
                    help="cut MLP widths in blocks of this many channels")
-    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and random importance")
-    p.add_argument("--ppl-seq-len", type=int, default=128, help="perplexity window length")
+    p.add_argument("--seed", type=int, default=default("seed"),
+                   help="seed for calibration sampling and random importance")
+    p.add_argument("--ppl-seq-len", type=int, default=default("ppl_seq_len"), help="perplexity window length")
     p.add_argument("--ppl-max-windows", type=int, help="evaluate perplexity on at most N windows (0 = skip; "
                    "default: the whole WikiText-2 test text)")
     p.set_defaults(func=cmd_prune)

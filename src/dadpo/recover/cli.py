@@ -10,6 +10,11 @@ from dadpo.recover.config import DSFTConfig, KDConfig, LoraConfig, RecoverConfig
 _D, _KD, _LORA, _S, _SFT = RecoverConfig(), KDConfig(), LoraConfig(), SamplingConfig(), DSFTConfig()
 
 
+def _help(model, field: str) -> str:
+    """A flag's help is its config field's description (the formatter adds the default)."""
+    return model.model_fields[field].description.replace("%", "%%")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "recover", help="distil a pruned student from its teacher (daDPO, dDPO, dSFT, token KD)",
@@ -28,8 +33,7 @@ def register(subparsers) -> None:
                    help="dsft: stop after distilled SFT; kd: token KD; dpo: dDPO; dadpo: distribution-aware DPO")
     p.add_argument("--beta1", type=float, default=_D.beta1, help="β1, KL weight to π_ref (the DPO β)")
     p.add_argument("--beta2", type=float, default=_D.beta2, help="β2, KL weight to the teacher (daDPO)")
-    p.add_argument("--margin", choices=["sum", "mean"], default=_D.margin,
-                   help=RecoverConfig.model_fields["margin"].description + " (default %(default)s)")
+    p.add_argument("--margin", choices=["sum", "mean"], default=_D.margin, help=_help(RecoverConfig, "margin"))
     p.add_argument("--lr", type=float, default=_D.lr, help="learning rate of the last stage")
     p.add_argument("--epochs", type=float, default=_D.epochs, help="epochs of the last stage")
     p.add_argument("--batch-size", type=int, default=_D.batch_size, help="pairs/sequences per step")
@@ -43,6 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=_D.seed, help="seed for sampling, data order and init")
     p.add_argument("--warmup-ratio", type=float, default=_D.warmup_ratio, help="linear warmup fraction")
     p.add_argument("--save-steps", type=int, default=_D.save_steps, help="checkpoint every N steps")
+    p.add_argument("--logging-steps", type=int, default=_D.logging_steps, help=_help(RecoverConfig, "logging_steps"))
+    p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default=_D.report_to,
+                   help=_help(RecoverConfig, "report_to"))
     p.add_argument("--skip-prompts", type=int, default=_D.skip_prompts,
                    help=RecoverConfig.model_fields["skip_prompts"].description)
     p.add_argument("--train-prompts", type=int, default=None, help="train on N prompts (default: all)")
@@ -64,6 +71,8 @@ def register(subparsers) -> None:
     g.add_argument("--temperature", type=float, default=_S.temperature, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=_S.top_p, help="nucleus mass")
     g.add_argument("--gen-batch-size", type=int, default=_S.batch_size, help="prompts per generation batch")
+    g.add_argument("--precision", choices=["auto", "model", "bfloat16"], default=_S.precision,
+                   help=_help(SamplingConfig, "precision"))
     g.add_argument("--student-from", choices=["dsft", "student"], default=_S.student_from,
                    help="model that samples the rejected responses")
     g = p.add_argument_group("dSFT stage (gives π_ref)")
@@ -85,11 +94,13 @@ def config_from_args(args) -> RecoverConfig:
         "max_response_len": args.max_response_len, "bf16": args.bf16, "seed": args.seed,
         "activation_checkpointing": args.activation_checkpointing,
         "warmup_ratio": args.warmup_ratio, "save_steps": args.save_steps, "train_prompts": args.train_prompts,
+        "logging_steps": args.logging_steps, "report_to": args.report_to,
         "skip_prompts": args.skip_prompts, "eval_prompts": args.eval_prompts, "lora": lora,
         "kd": {"kind": args.kd_kind, "top_k": args.kd_top_k, "weight": args.kd_weight,
                "jsd_beta": args.kd_jsd_beta},
         "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                     "batch_size": args.gen_batch_size, "student_from": args.student_from},
+                     "batch_size": args.gen_batch_size, "student_from": args.student_from,
+                     "precision": args.precision},
         "dsft": {"epochs": args.dsft_epochs, "lr": args.dsft_lr},
     }, name=_flag)
 

@@ -1,0 +1,76 @@
+"""One definition per setting: every command-line default is its config's default (walking the parsers)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+from pydantic import BaseModel
+
+from dadpo.cli import build_parser
+from dadpo.evaluate.cli import default_text
+from dadpo.evaluate.config import EvalConfig, GenerationSettings, JudgeConfig
+from dadpo.generation import GenerationConfig
+from dadpo.prune.config import PruneConfig
+from dadpo.recover.config import DSFTConfig, KDConfig, LoraConfig, RecoverConfig, SamplingConfig
+
+#: command → (config, flag-dest prefix, {dest: field} where the name differs) for every config it fills
+SOURCES = {
+    "prune": [(PruneConfig, "", {})],
+    "recover": [(RecoverConfig, "", {}), (KDConfig, "kd_", {}), (LoraConfig, "lora_", {}), (DSFTConfig, "dsft_", {}),
+                (SamplingConfig, "", {"gen_batch_size": "batch_size"})],
+    "evaluate": [(EvalConfig, "", {"ppl": "ppl_corpora"}), (JudgeConfig, "judge_", {}), (GenerationSettings, "", {})],
+    "generate": [(GenerationConfig, "", {})],
+}
+
+
+def _default(config, field: str):
+    if dataclasses.is_dataclass(config):
+        return {f.name: f.default for f in dataclasses.fields(config)}.get(field, dataclasses.MISSING)
+    info = config.model_fields.get(field)
+    return dataclasses.MISSING if info is None else info.get_default(call_default_factory=True)
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+@pytest.mark.parametrize("command", list(SOURCES))
+def test_every_flag_default_is_its_config_default(command):
+    checked = 0
+    for action in _commands()[command]._actions:
+        for config, prefix, renames in SOURCES[command]:
+            field = renames.get(action.dest) or action.dest.removeprefix(prefix)
+            if not action.dest.startswith(prefix) or (default := _default(config, field)) is dataclasses.MISSING:
+                continue
+            if isinstance(default, BaseModel):  # a whole section (--judge local:SPEC): its fields are checked
+                continue
+            if isinstance(default, list) and isinstance(action.default, str):  # a comma-separated flag
+                default = ",".join(map(str, default))
+            if action.dest == "lora":  # a switch for a section that is None (no LoRA) by default
+                assert default is None and action.default is False
+            elif action.default is None and default is not None:  # left to the config (a --config file may
+                # set it): the help states the config's default
+                assert f"(default {default_text(config, field)})" in " ".join(action.help.split()), (
+                    command, action.dest, action.help)
+            else:
+                assert action.default == default, (command, action.dest, action.default, default)
+            checked += 1
+            break
+    assert checked >= {"prune": 15, "recover": 35, "evaluate": 20, "generate": 6}[command]
+
+
+def test_the_walk_catches_a_hand_written_default(monkeypatch):
+    """A flag whose default is typed by hand and differs from its config's fails the walk."""
+    real = _commands
+
+    def with_a_stale_flag():
+        commands = real()
+        next(a for a in commands["recover"]._actions if a.dest == "beta2").default = 0.2
+        return commands
+
+    monkeypatch.setattr(__import__(__name__), "_commands", with_a_stale_flag)
+    with pytest.raises(AssertionError, match="beta2"):
+        test_every_flag_default_is_its_config_default("recover")
