@@ -64,10 +64,13 @@ def main() -> None:
     if dadpo(argv) != 0:
         sys.exit(1)
     rows = {r["method"]: r for r in json.loads((out / "bench" / "bench.json").read_text())["rows"]}
+    results = json.loads((out / "bench" / "evaluate" / "results.json").read_text())
+    t_rouge, t_diag = results["teacher"]["rouge"]["validation"], results["teacher"]["diagnostics"]["validation"]
+    print(f"teacher: val ROUGE-L {t_rouge['mean']:.2f} ± {t_rouge['std']:.2f}, loops {t_diag['loops']:.1f}%")
     sweep = []
     print(f"\nwall {(time.time() - t0) / 60:.1f} min (finished stages reused)\n")
     print("| method | val NLL | reward acc | objective acc | saturated start → end | median u start | "
-          "val ROUGE-L ± std | Δ vs dpo [95% CI] |\n|---|---|---|---|---|---|---|---|")
+          "val ROUGE-L ± std | Δ vs dpo [95% CI] | loops % |\n|---|---|---|---|---|---|---|---|---|")
     for name in ["none", "dsft", *variants]:
         m = json.loads((out / "bench" / f"recover-{name}" / "metrics.json").read_text()) if name != "none" else {}
         final, term = m.get("final", {}), m.get("teacher_term", {})
@@ -76,7 +79,8 @@ def main() -> None:
             nll = json.loads((out / "bench" / "recover-dsft" / "metrics.json").read_text())["start"]["nll"]
         r = rows[name]["rouge"].get("validation", {})
         d = rows[name]["rouge_delta"].get("validation")
-        row = {"method": name, "nll": nll, "reward_acc": final.get("reward_acc"),
+        loops = results["students"][name]["diagnostics"]["validation"]["loops"]
+        row = {"method": name, "nll": nll, "reward_acc": final.get("reward_acc"), "loops": loops,
                "objective_acc": final.get("objective_acc"), "teacher_term": term, "rouge": r, "rouge_delta": d}
         sweep.append(row)
         fmt = lambda x, k=3: "–" if x is None else f"{x:.{k}f}"  # noqa: E731
@@ -84,7 +88,7 @@ def main() -> None:
         delta = f"{d['delta']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d else "–"
         print(f"| {name} | {fmt(nll, 4)} | {fmt(row['reward_acc'], 2)} | {fmt(row['objective_acc'], 2)} | {sat} | "
               f"{fmt(term.get('start', {}).get('u_q50'), 2)} | {fmt(r.get('mean'), 2)} ± {fmt(r.get('std'), 2)} | "
-              f"{delta} |")
+              f"{delta} | {loops:.1f} |")
     (out / "sweep.json").write_text(json.dumps({"command": argv, "rows": sweep}, indent=1))
 
 
