@@ -292,3 +292,38 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny, mode):
         (-response_logps(model, ids, torch.ones_like(ids), labels).sums.sum()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+# --- devices -------------------------------------------------------------------------------------------------
+
+def test_scoring_and_held_out_batches_go_to_the_models_device(smollm):
+    """Every tensor a scoring or held-out batch holds (token ids and cached π_ref/π_te scores alike) is put
+    on the device passed (the model's), so a model on cuda never meets a cpu batch."""
+    from dadpo.recover.pipeline import _batches
+
+    _, tok = smollm
+    exs = [encode_example(tok, str(i), [{"role": "user", "content": "Hi"}], "Hello.", "Go away.", 32, 16)
+           for i in range(3)]
+    for ex in exs:
+        ex.update(ref_chosen_logps=-1.0, ref_rejected_logps=-2.0, teacher_chosen_logps=-1.5,
+                  teacher_rejected_logps=-2.5)
+    sizes = []
+    for chunk, batch in _batches(exs, 2, tok.pad_token_id, "test", torch.device("meta")):
+        tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        assert {"input_ids", "labels", "ref_chosen_logps", "teacher_rejected_logps"} <= set(tensors)
+        assert {v.device.type for v in tensors.values()} == {"meta"}
+        sizes.append(len(chunk))
+    assert sizes == [2, 1]
+
+
+@pytest.mark.gpu
+def test_pipeline_on_cuda(tiny, tmp_path):
+    """The tiny daDPO run end to end with every model on cuda (dSFT, sampling, scoring, training, held-out
+    metrics); only where CUDA is present."""
+    from dadpo.models import load_model
+
+    assert load_model(tiny["student"])[0].device.type == "cuda"
+    metrics = run_recover(tiny["student"], tiny["teacher"], tiny["prompts"], tmp_path / "run",
+                          {**TINY_CFG, "method": "dadpo", "bf16": True})
+    assert metrics["final"]["pairs"] == 2 and metrics["teacher_term"]["end"]["pairs"] == 2
+    assert all(torch.isfinite(torch.tensor(metrics["final"][k])) for k in ("nll", "margin_ref", "margin_te"))

@@ -191,7 +191,7 @@ def teacher_term_stats(d_ref: torch.Tensor, d_te: torch.Tensor, beta1: float, be
     mean Δ_ref and Δ_te, mean w and the share of pairs with w > 0.99."""
     u = (beta1 * d_ref + beta2 * d_te).double()
     w = torch.sigmoid(-u)
-    q = torch.quantile(u, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=u.dtype)).tolist()
+    q = torch.quantile(u, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=u.dtype, device=u.device)).tolist()
     return {"pairs": len(u), "u_mean": u.mean().item(), **{f"u_q{p:02d}": v for p, v in zip((5, 25, 50, 75, 95), q,
                                                                                          strict=True)},
             "margin_ref": d_ref.double().mean().item(), "margin_te": d_te.double().mean().item(),

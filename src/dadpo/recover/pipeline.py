@@ -230,11 +230,13 @@ def _example(tok, rec: PromptRecord, chosen: dict[str, str], rejected: dict[str,
                           cfg.max_prompt_len, cfg.max_response_len)
 
 
-def _batches(examples: list[dict], size: int, pad_id: int, desc: str):
+def _batches(examples: list[dict], size: int, pad_id: int, desc: str, device: torch.device):
+    """(examples, collated batch) in chunks of `size`, every tensor of the batch on `device` (the model's:
+    a model on cuda never meets a cpu batch, cached scores included)."""
     collate = PairCollator(pad_id)
     for s in tqdm(range(0, len(examples), size), desc=desc, unit="batch"):
         chunk = examples[s:s + size]
-        yield chunk, collate(chunk)
+        yield chunk, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(chunk).items()}
 
 
 def _autocast(cfg: RecoverConfig):
@@ -249,10 +251,9 @@ def _sequence_scores(spec: str, examples: list[dict], cfg: RecoverConfig, prefix
     model, tok = _load(spec)
     scores: dict[str, dict] = {}
     topk_ids = {ex["id"] for ex in examples[:n_topk]} if cfg.needs_topk else set()
-    for chunk, batch in _batches(examples, cfg.batch_size, tok.pad_token_id, f"score {prefix}"):
+    for chunk, batch in _batches(examples, cfg.batch_size, tok.pad_token_id, f"score {prefix}", model.device):
         with _autocast(cfg):
-            out = response_logps(model, batch["input_ids"].to(model.device),
-                                 batch["attention_mask"].to(model.device), batch["labels"].to(model.device))
+            out = response_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         n = len(chunk)
         rejected = out.sums.shape[0] > n
         for i, ex in enumerate(chunk):
@@ -392,7 +393,7 @@ def _eval_nll(spec: str, records: list[PromptRecord], teacher_rows: dict[str, st
     examples = [encode_example(tok, r.id, r.messages, teacher_rows[r.id], None, cfg.max_prompt_len,
                                cfg.max_response_len) for r in records]
     total, count = 0.0, 0
-    for _, batch in _batches(examples, cfg.batch_size, tok.pad_token_id, "held-out NLL"):
+    for _, batch in _batches(examples, cfg.batch_size, tok.pad_token_id, "held-out NLL", model.device):
         out = response_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         total -= out.tokens.sum().item()
         count += out.tokens.numel()
@@ -408,7 +409,7 @@ def _eval_pairs(spec: str, examples: list[dict], scores: dict, cfg: RecoverConfi
     model, tok = _load(spec)
     d_refs, d_tes = [], []
     examples = [{**ex, **{k: v for k, v in scores[ex["id"]].items() if k.endswith("_logps")}} for ex in examples]
-    for chunk, b in _batches(examples, cfg.batch_size, tok.pad_token_id, "held-out pairs"):
+    for chunk, b in _batches(examples, cfg.batch_size, tok.pad_token_id, "held-out pairs", model.device):
         with _autocast(cfg):  # the precision the cached π_ref/π_te scores were computed in
             out = response_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
         d_ref, d_te = dadpo_margins(*pair_logps(out.sums, out.counts, b, len(chunk), cfg.margin))
