@@ -101,7 +101,7 @@ def worker(impl: str, precision: str, model_spec: str, steps: int, warmup: int) 
                              processing_class=tok, callbacks=[timer.callback])
     else:
         from dadpo.recover.config import RecoverConfig
-        from dadpo.recover.pipeline import build_trainer
+        from dadpo.recover.training import build_trainer
 
         examples = []
         for i, r in enumerate(rows):

@@ -144,7 +144,7 @@ def test_bad_variants_are_one_line_before_anything_runs(methods, message, capsys
 def test_variants_become_recover_stages_that_share_the_method_independent_work(tmp_path):
     from dadpo.pipeline import bench_plan
     from dadpo.recipe import load_recipe
-    from dadpo.recover.pipeline import _shared_key
+    from dadpo.recover.artefacts import shared_key
 
     recipe = load_recipe("recipes/smollm2-135m-prune20-dadpo.yaml", [f"output_dir={tmp_path}"])
     stages = bench_plan(recipe, ["none", "dpo", "dadpo@beta2=0.003", "dadpo@margin=mean", "dadpo@seed=1"])
@@ -154,5 +154,5 @@ def test_variants_become_recover_stages_that_share_the_method_independent_work(t
     evaluate = stages[-1].config["students"]
     assert list(evaluate) == ["none", "dpo", "dadpo@beta2=0.003", "dadpo@margin=mean", "dadpo@seed=1"]
     assert evaluate["dadpo@margin=mean"] == str(tmp_path / "bench" / "recover-dadpo@margin=mean" / "model")
-    keys = [_shared_key({"config": s.config}) for s in stages[1:5]]
+    keys = [shared_key({"config": s.config}) for s in stages[1:5]]
     assert keys[0] == keys[1] == keys[2] != keys[3]  # another seed samples and trains anew; β and margin do not

@@ -142,7 +142,7 @@ def test_few_dpo_steps_raise_the_margin_on_real_smollm(smollm_dir, tmp_path):
     """Two RecoverTrainer steps of daDPO on SmolLM2 (fresh copy) raise β1·Δ_ref + β2·Δ_te on the pairs."""
     from dadpo.models import load_model
     from dadpo.recover.forward import response_logps
-    from dadpo.recover.pipeline import build_trainer
+    from dadpo.recover.training import build_trainer
 
     model, tok = load_model(str(smollm_dir))
     qa = [("What is the capital of France?", "The capital of France is Paris.", "I like turtles a lot."),
@@ -299,7 +299,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny, mode):
 def test_scoring_and_held_out_batches_go_to_the_models_device(smollm):
     """Every tensor a scoring or held-out batch holds (token ids and cached π_ref/π_te scores alike) is put
     on the device passed (the model's), so a model on cuda never meets a cpu batch."""
-    from dadpo.recover.pipeline import _batches
+    from dadpo.recover.scoring import batches
 
     _, tok = smollm
     exs = [encode_example(tok, str(i), [{"role": "user", "content": "Hi"}], "Hello.", "Go away.", 32, 16)
@@ -308,7 +308,7 @@ def test_scoring_and_held_out_batches_go_to_the_models_device(smollm):
         ex.update(ref_chosen_logps=-1.0, ref_rejected_logps=-2.0, teacher_chosen_logps=-1.5,
                   teacher_rejected_logps=-2.5)
     sizes = []
-    for chunk, batch in _batches(exs, 2, tok.pad_token_id, "test", torch.device("meta")):
+    for chunk, batch in batches(exs, 2, tok.pad_token_id, "test", torch.device("meta")):
         tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
         assert {"input_ids", "labels", "ref_chosen_logps", "teacher_rejected_logps"} <= set(tensors)
         assert {v.device.type for v in tensors.values()} == {"meta"}

@@ -11,11 +11,16 @@ training step's pairs, from the Trainer's log history.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dadpo.io import atomic_path
+from dadpo.io import atomic_path, atomic_write_json
 from dadpo.recover.losses import SATURATED
+
+if TYPE_CHECKING:
+    from dadpo.recover.config import RecoverConfig
 
 #: u below this has w = σ(−u) > SATURATED
 SATURATION_U = -math.log(SATURATED / (1 - SATURATED))
@@ -106,3 +111,21 @@ def plot_training_curves(path: Path, histories: dict[str, list[dict]], title: st
     with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
+
+
+def write_teacher_term(out: Path, u: dict[str, list[float]], cfg: RecoverConfig) -> None:
+    """teacher_term.json (per-pair u at the start and end) and its plot, teacher_term.png."""
+    beta2 = cfg.beta2 if cfg.method == "dadpo" else 0.0
+    atomic_write_json(out / "teacher_term.json", {"beta1": cfg.beta1, "beta2": beta2, "margin": cfg.margin, "u": u})
+    history = out / "train" / "log_history.json"
+    title = f"{cfg.method}: β1 = {cfg.beta1:g}, β2 = {beta2:g}, margin = {cfg.margin}"
+    plot_teacher_term(out / "teacher_term.png", u, json.loads(history.read_text()) if history.is_file() else [],
+                      title)
+
+
+def write_training_curves(out: Path, cfg: RecoverConfig) -> None:
+    """training_curves.png from the stages' log histories (dSFT, then the method's own stage)."""
+    histories = {stage: json.loads(p.read_text()) for stage, p in
+                 (("dsft", out / "dsft" / "log_history.json"), (cfg.method, out / "train" / "log_history.json"))
+                 if p.is_file()}
+    plot_training_curves(out / "training_curves.png", histories, f"recover {cfg.method}: per-step training logs")

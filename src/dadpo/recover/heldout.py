@@ -1,0 +1,66 @@
+"""Held-out metrics of a recover run on prompts it never trains on: teacher-response NLL, and for
+preference methods the pairs' margins, accuracies and teacher-term statistics."""
+
+from __future__ import annotations
+
+import torch
+
+from dadpo.data import PromptRecord
+from dadpo.models import load_model
+from dadpo.recover.config import RecoverConfig
+from dadpo.recover.forward import response_logps
+from dadpo.recover.losses import dadpo_margins, teacher_term_stats
+from dadpo.recover.pairs import encode_example, pair_logps
+from dadpo.recover.scoring import autocast, batches
+
+
+@torch.no_grad()
+def heldout_nll(spec: str, records: list[PromptRecord], teacher_rows: dict[str, str], cfg: RecoverConfig) -> dict:
+    """Per-token NLL of the held-out teacher responses under model `spec`."""
+    if not records:
+        return {}
+    model, tok = load_model(spec)
+    examples = [encode_example(tok, r.id, r.messages, teacher_rows[r.id], None, cfg.max_prompt_len,
+                               cfg.max_response_len) for r in records]
+    total, count = 0.0, 0
+    for _, batch in batches(examples, cfg.batch_size, tok.pad_token_id, "held-out NLL", model.device):
+        out = response_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        total -= out.tokens.sum().item()
+        count += out.tokens.numel()
+    return {"nll": total / count, "tokens": count}
+
+
+@torch.no_grad()
+def heldout_pairs(spec: str, examples: list[dict], scores: dict, cfg: RecoverConfig) -> dict:
+    """Held-out pairs under the final model: mean Δ_ref/Δ_te, reward accuracy (Δ_ref > 0) and objective
+    accuracy (β1·Δ_ref + β2·Δ_te > 0)."""
+    if not examples or "rejected_ids" not in examples[0]:
+        return {}
+    model, tok = load_model(spec)
+    d_refs, d_tes = [], []
+    examples = [{**ex, **{k: v for k, v in scores[ex["id"]].items() if k.endswith("_logps")}} for ex in examples]
+    for chunk, b in batches(examples, cfg.batch_size, tok.pad_token_id, "held-out pairs", model.device):
+        with autocast(cfg):  # the precision the cached π_ref/π_te scores were computed in
+            out = response_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
+        d_ref, d_te = dadpo_margins(*pair_logps(out.sums, out.counts, b, len(chunk), cfg.margin))
+        d_refs.append(d_ref)
+        d_tes.append(d_te)
+    d_ref, d_te = torch.cat(d_refs), torch.cat(d_tes)
+    beta2 = cfg.beta2 if cfg.method == "dadpo" else 0.0
+    u = cfg.beta1 * d_ref + beta2 * d_te
+    return {"reward_acc": (d_ref > 0).float().mean().item(), "objective_acc": (u > 0).float().mean().item(),
+            "margin_ref": d_ref.mean().item(),
+            "margin_te": d_te.mean().item(), "pairs": len(d_ref),
+            "teacher_term": teacher_term_stats(d_ref, d_te, cfg.beta1, beta2), "u": u.tolist()}
+
+
+def start_teacher_term(examples: list[dict], scores: dict, cfg: RecoverConfig) -> tuple[dict, list[float]]:
+    """`teacher_term_stats` and per-pair u of the training pairs as training starts: the policy is π_ref
+    then, so Δ_ref = 0 and Δ_te = (log π_ref − log π_te)(y_c) − (…)(y_r), from the cached scores alone."""
+    batch = {k: torch.tensor([scores[ex["id"]][k] for ex in examples], dtype=torch.float64)
+             for k in ("ref_chosen_logps", "ref_rejected_logps", "teacher_chosen_logps", "teacher_rejected_logps")}
+    counts = torch.tensor([len(ex["chosen_ids"]) for ex in examples] + [len(ex["rejected_ids"]) for ex in examples])
+    sums = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+    d_ref, d_te = dadpo_margins(*pair_logps(sums, counts, batch, len(examples), cfg.margin))
+    beta2 = cfg.beta2 if cfg.method == "dadpo" else 0.0
+    return teacher_term_stats(d_ref, d_te, cfg.beta1, beta2), (cfg.beta1 * d_ref + beta2 * d_te).tolist()
