@@ -28,12 +28,24 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "2 + 2
 
 
 def llama_cpp(path: Path):
+    """llama.cpp with an f32 KV cache (its default f16 one adds its own error) and no CPU weight repacking
+    (as `llama-server --no-repack`): this llama.cpp's AMX repacked path segfaults on quantized matrices."""
+    from unittest import mock
+
     import gguf
+    import llama_cpp as binding
     from llama_cpp import Llama
 
-    f32 = int(gguf.GGMLQuantizationType.F32)  # an f32 KV cache: llama.cpp's default f16 one adds its own error
-    return Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True, n_threads=2, seed=0,
-                 type_k=f32, type_v=f32, verbose=False)
+    def params_without_repacking():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    default_params = binding.llama_model_default_params
+    f32 = int(gguf.GGMLQuantizationType.F32)
+    with mock.patch.object(binding.llama.llama_cpp, "llama_model_default_params", params_without_repacking):
+        return Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True, n_threads=2, seed=0,
+                     type_k=f32, type_v=f32, verbose=False)
 
 
 def greedy(llm, ids: list[int], n: int, stop: set[int]) -> list[int]:
