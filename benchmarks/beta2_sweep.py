@@ -6,11 +6,12 @@ Usage:
         [--set KEY.PATH=VALUE ...]
 
 One `dadpo bench` of the demo recipe (prune, dSFT, teacher and student answers, scores: all shared), with
-methods dpo (dDPO, β2 = 0) and daDPO at every β2 with `margin: sum` and at `--mean-betas` with
-`margin: mean`. Validation = the Dolly rows right after the 300 that evaluation holds out, which recover
-keeps out of training (`recover.eval_prompts`): its held-out teacher-response NLL and pair accuracies, and
-ROUGE-L of sampled answers (3 seeds) on the same rows, written to OUT/validation.jsonl for the evaluate
-stage. No test set (Dolly's first 300 rows, Vicuna-bench, Self-Instruct) is read. Prints one row per
+methods dpo (dDPO, β2 = 0) and daDPO at every β2 with `margin: sum`, then dDPO and daDPO at `--mean-betas`
+with `margin: mean` (so the margin's own effect is separate from the teacher's). Validation = the Dolly
+rows right after the 300 that evaluation holds out, which recover keeps out of training
+(`recover.eval_prompts`): its held-out teacher-response NLL and pair accuracies, and ROUGE-L of sampled
+answers (3 seeds) on the same rows, written to OUT/validation.jsonl for the evaluate stage.
+No test set (Dolly's first 300 rows, Vicuna-bench, Self-Instruct) is read. Prints one row per
 method and writes OUT/sweep.json; a rerun reuses every finished stage.
 """
 
@@ -49,8 +50,10 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     val = validation_file(Path(args.data_dir), out, args.val_prompts)
+    mean_betas = [b for b in args.mean_betas.split(",") if b]
     variants = (["dpo"] + [f"dadpo@beta2={b}" for b in args.betas.split(",")]
-                + [f"dadpo@margin=mean@beta2={b}" for b in args.mean_betas.split(",")])
+                + (["dpo@margin=mean"] if mean_betas else [])  # what the mean margin does without the teacher
+                + [f"dadpo@margin=mean@beta2={b}" for b in mean_betas])
     bench = ["bench", str(RECIPE), "--methods", ",".join(["none", "dsft", *variants]), "--out", str(out)]
     sets = [f"data_dir={args.data_dir}", f"recover.train_prompts={args.train_prompts}",
             f"recover.eval_prompts={args.val_prompts}", f"evaluate.sets=[validation={val}]",

@@ -75,6 +75,22 @@ def resolve_model(spec: str) -> str:
                      f"or one of: {known}")
 
 
+def register_own_model_types(path: str) -> None:
+    """Register dadpo's model types (`dadpo_pruned_<family>`) with transformers' Auto classes when the
+    model at `path` may be one: a local folder whose config.json names such a type, or anything whose
+    config is not local (a hub id). Stock model types skip it: the registering module imports three
+    families' modelling code, most of a cold process's model load."""
+    config = Path(path) / "config.json"
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None  # unreadable: loading reports it
+        if isinstance(model_type, str) and not model_type.startswith("dadpo_pruned_"):
+            return
+    import dadpo.modeling_dadpo_pruned  # noqa: F401
+
+
 def _check_config(path: Path, spec: str) -> None:
     """Fail with one line, before any weights load or any output is written, on a model folder whose
     config.json transformers cannot use: not JSON, a model_type it does not know, fields of the wrong type.
@@ -83,9 +99,8 @@ def _check_config(path: Path, spec: str) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    import dadpo.modeling_dadpo_pruned  # noqa: F401  (registers dadpo's own model types, e.g. non-uniform pruned Llama)
-
     raw = load_json_object(path / "config.json", f"model {spec}")
+    register_own_model_types(str(path))
     if isinstance(raw.get("auto_map"), dict) and isinstance(raw["auto_map"].get("AutoConfig"), str) \
             and raw.get("model_type") not in CONFIG_MAPPING:  # dadpo's own folders carry code it already has
         return  # the folder's own config code: loading it needs --trust-remote-code, and checks it then
@@ -297,11 +312,10 @@ def load_model(
     """Load (model, tokenizer) for a spec; the model is in eval mode on `device` (default: cuda if present)."""
     from transformers import AutoModelForCausalLM
 
-    import dadpo.modeling_dadpo_pruned  # noqa: F401  (registers dadpo's own model classes)
-
     if dtype not in DTYPES:
         raise DadpoError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     path = resolve_model(spec)
+    register_own_model_types(path)
     tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if attn_implementation:
