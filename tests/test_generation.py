@@ -89,9 +89,22 @@ def test_resume_after_interruption_and_settings_guard(smollm, tmp_path):
 
 @pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"temperature": -1}, {"temperature": float("inf")},
                                  {"top_p": 0}, {"batch_size": 0}, {"precision": "fp8"}])
-def test_bad_generation_settings(bad):
-    with pytest.raises(DadpoError, match=next(iter(bad)).replace("_", "-")):
+def test_bad_generation_settings(bad, capsys):
+    """The config names the field; `dadpo generate` names the flag, in one line, before any model loads."""
+    from pydantic import ValidationError
+
+    from dadpo.cli import main
+
+    field = next(iter(bad))
+    with pytest.raises(ValidationError, match=field):
         GenerationConfig(**bad)
+    flag = "--" + field.replace("_", "-")
+    try:
+        code = main(["generate", "--model", "/nonexistent/model", "--prompt", "hi", flag, str(bad[field])])
+    except SystemExit as e:  # argparse refuses an unknown choice itself
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and flag in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

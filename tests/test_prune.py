@@ -255,6 +255,38 @@ def test_cli_prunes_and_overwrites(tmp_path, tok, capsys, calib_file, data_alias
     assert not (out / "old.txt").exists() and (out / "report.md").read_text().startswith("# Pruned")
 
 
+def test_an_unreachable_ratio_names_the_config_field_and_on_the_command_line_the_flag(tmp_path, tok, capsys):
+    """Library code names `prune.ratio` (what a recipe user wrote); `dadpo prune` says `--ratio`."""
+    from dadpo.errors import ConfigError
+
+    src = save_tiny(tmp_path, tok)
+    with pytest.raises(ConfigError, match=r"^prune\.ratio: 0\.8 cannot be reached") as e:
+        prune_to_dir(str(src), tmp_path / "lib", PruneConfig(ratio=0.8, targets="heads", ppl_max_windows=0))
+    assert e.value.field == "prune.ratio" and not (tmp_path / "lib").exists()
+    code = run_cli(["prune", "--model", str(src), "--out", str(tmp_path / "cli"), "--ratio", "0.8", "--targets",
+                    "heads", "--ppl-max-windows", "0"])
+    assert code == 2 and "--ratio: 0.8 cannot be reached" in capsys.readouterr().err
+
+
+def test_prune_scores_the_every_tenth_window_proxy_by_default_and_says_so(tmp_path, tok, calib_file, data_aliases):
+    """The default perplexity is the stride-10 proxy (a tenth of the windows across the whole text), stated in
+    report.json and report.md; stride 1 scores every window and says nothing of a proxy."""
+    from dadpo.prune.report import render_markdown
+
+    src = save_tiny(tmp_path, tok)
+    out = tmp_path / "out"
+    assert PruneConfig().ppl_window_stride == 10
+    assert main(["prune", "--model", str(src), "--out", str(out), "--ratio", "0.05", "--importance", "magnitude",
+                 "--no-reconstruct", "--ppl-max-windows", "3"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    ppl = report["before"]["perplexity"]
+    assert ppl["window_stride"] == 10 and report["config"]["ppl_window_stride"] == 10
+    assert "every 10-th of the text (proxy)" in (out / "report.md").read_text()
+    for side in ("before", "after"):
+        report[side]["perplexity"]["window_stride"] = 1
+    assert "proxy" not in render_markdown(report)
+
+
 # ---------------------------------------------------------------- reconstruction
 
 

@@ -9,11 +9,11 @@ import pytest
 from pydantic import BaseModel
 
 from dadpo.cli import build_parser
-from dadpo.evaluate.cli import default_text
 from dadpo.evaluate.config import EvalConfig, GenerationSettings, JudgeConfig
 from dadpo.generation import GenerationConfig
 from dadpo.prune.config import PruneConfig
 from dadpo.recover.config import DSFTConfig, KDConfig, LoraConfig, RecoverConfig, SamplingConfig
+from dadpo.settings import default_text
 
 #: command → (config, flag-dest prefix, {dest: field} where the name differs) for every config it fills
 SOURCES = {
@@ -74,3 +74,50 @@ def test_the_walk_catches_a_hand_written_default(monkeypatch):
     monkeypatch.setattr(__import__(__name__), "_commands", with_a_stale_flag)
     with pytest.raises(AssertionError, match="beta2"):
         test_every_flag_default_is_its_config_default("recover")
+
+
+def test_decoding_settings_are_declared_once():
+    """`dadpo generate`, recover's pair sampling and evaluation answers share DecodingConfig's fields —
+    the same types, constraints and help — and differ only in their defaults."""
+    from pydantic import ValidationError
+
+    from dadpo.decoding import DecodingConfig
+
+    for config in (GenerationConfig, SamplingConfig, GenerationSettings):
+        assert issubclass(config, DecodingConfig)
+        for name, base in DecodingConfig.model_fields.items():
+            field = config.model_fields[name]
+            assert (field.annotation, field.metadata, field.description) == (
+                base.annotation, base.metadata, base.description), (config, name)
+        for bad in ({"top_p": 0}, {"temperature": -0.5}, {"max_new_tokens": 0}, {"precision": "fp8"}):
+            with pytest.raises(ValidationError, match=next(iter(bad))):
+                config(**bad)
+    assert [c().temperature for c in (GenerationConfig, SamplingConfig, GenerationSettings)] == [0.0, 0.7, 1.0]
+    assert GenerationConfig.of(SamplingConfig(), seed=3) == GenerationConfig(
+        max_new_tokens=192, temperature=0.7, top_p=0.95, seed=3)
+
+
+def test_one_error_formatter_names_the_key_in_a_recipe_and_the_flag_on_a_command_line(capsys):
+    """Recipes and every command report a bad setting through `dadpo.settings`: one line naming the YAML path
+    (with the closest valid key for a typo) or the flag."""
+    from dadpo.cli import main
+    from dadpo.errors import DadpoError
+    from dadpo.recipe import validate_recipe
+
+    base = {"name": "r", "output_dir": "/tmp/x", "student": "s", "recover": {}}
+    cases = [({"recover": {"sampling": {"top_p": 2}}}, "recipe: recover.sampling.top_p: Input should be less than "
+              "or equal to 1 (got 2)"),
+             ({"recover": {"betta2": 0.1}}, "recipe: recover.betta2: unknown key; did you mean recover.beta2?"),
+             ({"recover": {"beta1": -1, "lr": 0}}, "(and 1 more)")]
+    for change, message in cases:
+        with pytest.raises(DadpoError) as e:
+            validate_recipe({**base, **change})
+        assert message in str(e.value)
+    for argv, flag in ((["recover", "--student", "s", "--teacher", "t", "--prompts", "p", "--out", "/tmp/x",
+                         "--top-p", "2"], "--top-p:"),
+                       (["prune", "--model", "m", "--out", "/tmp/x", "--ratio", "0"], "--ratio:"),
+                       (["evaluate", "--students", "s", "--teacher", "t", "--out", "/tmp/x", "--top-p", "2"],
+                        "generation.top_p:")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert flag in err and len(err.strip().splitlines()) == 1, err

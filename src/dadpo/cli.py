@@ -23,18 +23,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
-def add_generation_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("decoding")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer (default 256)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), >0 samples")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    g.add_argument("--batch-size", type=int, default=16, help="prompts decoded at once (default 16)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    g.add_argument("--precision", default="auto", choices=["auto", "model", "bfloat16"],
-                   help="arithmetic: auto = bf16 matmuls when sampling a float32 Llama-family model on a CPU with "
-                   "AMX, else the model's dtype (greedy answers then equal model.generate's) (default auto)")
-
-
 def add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--model", default=default, required=default is None,
                    help="hub id, local directory, .gguf file or alias (default: %(default)s)")
@@ -49,7 +37,9 @@ STAGE_CLIS = ("dadpo.prune.cli", "dadpo.recover.cli", "dadpo.evaluate.cli", "dad
 
 def build_parser() -> argparse.ArgumentParser:
     from dadpo import __version__
+    from dadpo.decoding import GenerationConfig
     from dadpo.embedded import DEFAULT_MODEL
+    from dadpo.settings import add_config_flags
 
     parser = _Parser(prog="dadpo", description=(
         "Prune a chat LLM, recover it by distillation from its teacher (daDPO and baselines), "
@@ -71,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=int, help="answer only the first N prompts")
     g.add_argument("--out", help="output JSONL (required with --prompts)")
     g.add_argument("--overwrite", action="store_true", help="discard an existing --out instead of resuming")
-    add_generation_args(g)
+    add_config_flags(g.add_argument_group("decoding"), GenerationConfig, GenerationConfig.model_fields,
+                     state_default=True)
     g.set_defaults(func=cmd_generate)
 
     for module in STAGE_CLIS:
@@ -81,12 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_generate(args) -> int:
     from dadpo.data import PromptRecord, load_prompts
-    from dadpo.generation import GenerationConfig, check_answers_out, generate_to_file
+    from dadpo.decoding import GenerationConfig
+    from dadpo.generation import check_answers_out, generate_to_file
     from dadpo.io import check_out_path
     from dadpo.models import load_model, model_stamp, resolve_model
+    from dadpo.settings import flag_name, validated
 
-    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                           batch_size=args.batch_size, seed=args.seed, precision=args.precision)
+    cfg = validated(GenerationConfig, {k: getattr(args, k) for k in GenerationConfig.model_fields}, flag_name)
     if args.prompts:
         if not args.out:
             raise DadpoError("--out is required with --prompts")

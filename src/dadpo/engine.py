@@ -88,9 +88,6 @@ def unsupported(model) -> str | None:
     return None
 
 
-PRECISIONS = ("auto", "model", "bfloat16")
-
-
 def resolve_precision(precision: str, model, temperature: float) -> str:
     """`auto` → `bfloat16` for sampled answers of a float32 model that the engine runs on a CPU with bf16
     matrix units (AMX), where bf16 matmuls are several times faster and oneDNN computes every row the same

@@ -11,46 +11,23 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from dadpo.data import PromptRecord, chat_prompt
-from dadpo.engine import PRECISIONS, Engine, Request, request_seed, resolve_precision, unsupported
+from dadpo.decoding import GenerationConfig
+from dadpo.engine import Engine, Request, request_seed, resolve_precision, unsupported
 from dadpo.errors import DadpoError
 from dadpo.io import append_jsonl, atomic_write_text, read_jsonl, truncate_torn_tail
 from dadpo.models import chat_end_token_ids
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """Decoding settings; temperature 0 means greedy. `batch_size` is the number of prompts decoded at once;
-    `precision` the arithmetic (see `dadpo.engine.resolve_precision`: `auto`, `model` or `bfloat16`)."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    batch_size: int = 16
-    seed: int = 0
-    precision: str = "auto"
-
-    def __post_init__(self):
-        checks = {"max_new_tokens": self.max_new_tokens >= 1,
-                  "temperature": self.temperature >= 0 and math.isfinite(self.temperature),
-                  "top_p": 0 < self.top_p <= 1, "batch_size": self.batch_size >= 1,
-                  "precision": self.precision in PRECISIONS}
-        for name, ok in checks.items():
-            if not ok:
-                raise DadpoError(f"--{name.replace('_', '-')}: invalid value {getattr(self, name)}")
 
 
 @torch.inference_mode()
@@ -141,7 +118,7 @@ def iter_answers(model, tok, records: list[PromptRecord], cfg: GenerationConfig)
 def resolved(cfg: GenerationConfig, model) -> GenerationConfig:
     """`cfg` with `precision: auto` replaced by what it means for `model` on this machine (what answer files
     are stamped with, so answers made in another arithmetic are never mixed in)."""
-    return replace(cfg, precision=resolve_precision(cfg.precision, model, cfg.temperature))
+    return cfg.model_copy(update={"precision": resolve_precision(cfg.precision, model, cfg.temperature)})
 
 
 def answer_records(model, tok, records: list[PromptRecord], cfg: GenerationConfig) -> list[dict]:
@@ -205,7 +182,7 @@ def generate_to_file(model, tok, records: list[PromptRecord], cfg: GenerationCon
     out = Path(out)
     part = out.with_name(out.name + ".part")
     cfg = resolved(cfg, model)
-    stamp = {"model": model_name, "generation": asdict(cfg)}
+    stamp = {"model": model_name, "generation": cfg.model_dump()}
     if overwrite:
         _discard_answers(out, part)
     try:

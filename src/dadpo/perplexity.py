@@ -71,7 +71,7 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 128, batch_size: int 
         per_window += nll.mean(1).tolist()
     mean = sum(per_window) / n_windows
     return {"ppl": math.exp(mean), "ppl_ci95": window_ci(per_window), "seq_len": seq_len, "windows": n_windows,
-            "tokens": n_windows * (seq_len - 1)}
+            "window_stride": window_stride, "tokens": n_windows * (seq_len - 1)}
 
 
 def window_ci(per_window: list[float], samples: int = 1000, seed: int = 0) -> list[float] | None:

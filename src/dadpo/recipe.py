@@ -6,7 +6,6 @@ Everything is checked before any model loads. Errors are one line naming the YAM
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from dadpo.evaluate.config import EvalConfig
 from dadpo.io import read_yaml
 from dadpo.prune import PruneConfig
 from dadpo.recover.config import RecoverConfig
+from dadpo.settings import error_line
 
 PRUNE_THE_TEACHER = "prune"
 
@@ -61,43 +61,6 @@ class Recipe(BaseModel):
     @property
     def pruned(self) -> bool:
         return self.student == PRUNE_THE_TEACHER
-
-
-def _section_model(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model that owns the key at `loc` (for suggesting the closest valid key)."""
-    model: Any = Recipe
-    for part in loc[:-1]:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return None
-        ann = field.annotation
-        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not candidates:
-            return None
-        model = candidates[0]
-    return model if hasattr(model, "model_fields") else None
-
-
-def _describe(err: dict) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))  # drop union-branch tags
-    path = ".".join(str(p) for p in loc)
-    if not loc:  # a whole-recipe check: its message starts with the key at fault
-        return err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        owner = _section_model(loc)
-        valid = list(owner.model_fields) if owner else []
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-        hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?" if close else (
-            f"; valid keys: {', '.join(valid)}" if valid else "")
-        return f"{path}: unknown key{hint}"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "missing":
-        return f"{path}: required key is missing"
-    got = err.get("input")
-    # pydantic's own messages ("Input should be ...") do not show the value; dadpo's validators
-    # (type value_error) quote it themselves where it helps, so it is added only to the former
-    quiet = isinstance(got, dict) or got is None or err["type"] == "value_error"
-    return f"{path}: {msg}{'' if quiet else f' (got {got!r:.60})'}"
 
 
 def _set_path(data: dict, dotted: str, value: Any, flag: str) -> None:
@@ -145,9 +108,7 @@ def validate_recipe(data: Any, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        errs = e.errors()
-        more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
-        raise DadpoError(f"{source}: {_describe(errs[0])}{more}") from None
+        raise DadpoError(f"{source}: {error_line(e, Recipe)}") from None
     except DadpoError as e:  # a section's own validator
         raise DadpoError(f"{source}: {e}") from None
 

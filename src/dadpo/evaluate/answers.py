@@ -8,10 +8,11 @@ import re
 from pathlib import Path
 
 from dadpo.data import PromptRecord, load_prompts
+from dadpo.decoding import GenerationConfig
 from dadpo.errors import DadpoError
 from dadpo.evaluate.config import DOLLY_HELDOUT, EVAL_SETS, SET_NAME, EvalConfig, split_set
 from dadpo.evaluate.judge import PairItem
-from dadpo.generation import GenerationConfig, generate_to_file
+from dadpo.generation import generate_to_file
 from dadpo.models import model_stamp
 
 
@@ -64,10 +65,7 @@ def model_slug(name: str, spec: str) -> str:
 def answer_config(config: EvalConfig, seed: int | None = None) -> GenerationConfig:
     """The generation settings of evaluation answers under sampling seed `seed` (default: the first), part of
     every cached answer row's stamp."""
-    g = config.generation
-    return GenerationConfig(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                            batch_size=g.batch_size, seed=config.seeds[0] if seed is None else seed,
-                            precision=g.precision)
+    return GenerationConfig.of(config.generation, config.seeds[0] if seed is None else seed)
 
 
 def answer_file(folder: Path, set_name: str, seed: int, config: EvalConfig) -> Path:

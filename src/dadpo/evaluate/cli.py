@@ -6,8 +6,10 @@ import argparse
 import math
 from pathlib import Path
 
+from dadpo.decoding import DecodingConfig
 from dadpo.errors import DadpoError
 from dadpo.io import check_out_path, read_yaml
+from dadpo.settings import add_config_flags, default_text, validated
 
 _DESCRIPTION = """\
 Evaluate one or more students against their teacher and write OUT/results.json, OUT/report.md and PNG
@@ -23,14 +25,6 @@ LLM-Pruner's zero-shot tasks through lm-eval and WikiText-2/PTB perplexity."""
 
 def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
-
-
-def default_text(model, field: str) -> str:
-    """A config field's default as the flag would be typed: lists comma-joined, None as "none"."""
-    value = model.model_fields[field].get_default(call_default_factory=True)
-    if isinstance(value, list):
-        return ",".join(map(str, value)) or "none"
-    return "none" if value is None else str(value)
 
 
 def register(subparsers) -> None:
@@ -98,8 +92,7 @@ def register(subparsers) -> None:
         "--data-dir", help="local data folder for tasks and corpora (default $DADPO_DATA_DIR, else the hub)"
     )
     g = p.add_argument_group("answer decoding (ROUGE-L over seeds: MiniLLM's protocol by default)")
-    for flag, kind in (("max_new_tokens", int), ("temperature", float), ("top_p", float), ("batch_size", int)):
-        g.add_argument(f"--{flag.replace('_', '-')}", type=kind, help=described(GenerationSettings, flag))
+    add_config_flags(g, GenerationSettings, DecodingConfig.model_fields, defaults=False)
     g.add_argument("--seeds", help=described(EvalConfig, "seeds", "; comma-separated"))
     c = p.add_argument_group("comparisons")
     c.add_argument("--baseline", help=EvalConfig.model_fields["baseline"].description)
@@ -166,7 +159,7 @@ def build_config(args) -> dict:
     ):
         if getattr(args, opt) is not None:
             data[field] = getattr(args, opt)
-    flags = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "batch_size")}
+    flags = {k: getattr(args, k) for k in DecodingConfig.model_fields}
     flags = {k: v for k, v in flags.items() if v is not None}
     if flags and isinstance(data.get("generation"), dict | None):  # anything else: EvalConfig names it
         data["generation"] = {**(data.get("generation") or {}), **flags}
@@ -192,18 +185,12 @@ def build_config(args) -> dict:
 
 
 def cmd_evaluate(args) -> int:
-    from pydantic import ValidationError
-
     from dadpo.evaluate.config import TYPED_KEY_ENV, EvalConfig
     from dadpo.evaluate.run import run_evaluate
 
     students = _students(args.students)
-    try:  # the key variable typed on this command line may have any name; one from --config may not
-        config = EvalConfig.model_validate(build_config(args), context={TYPED_KEY_ENV: args.judge_api_key_env})
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "config"
-        raise DadpoError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+    # the key variable typed on this command line may have any name; one from --config may not
+    config = validated(EvalConfig, build_config(args), context={TYPED_KEY_ENV: args.judge_api_key_env})
     check_out_path(args.out, "--out", folder=True)
     results = run_evaluate(students, args.teacher, args.out, config)
     for name, sets in results["pairwise"].items():

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from dadpo.decoding import DecodingConfig, Temperature
 from dadpo.evaluate.zeroshot import TASKS
 from dadpo.perplexity import CORPORA
 
@@ -77,18 +78,11 @@ class JudgeConfig(BaseModel):
         return v
 
 
-class GenerationSettings(BaseModel):
+class GenerationSettings(DecodingConfig):
     """Answer decoding, by default MiniLLM's protocol: pure sampling (temperature 1, top-p 1), 256 new tokens;
     one set of answers per seed in `EvalConfig.seeds`. Temperature 0 is greedy (one set of answers)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    max_new_tokens: int = Field(256, ge=1, description="answer length cap in tokens")
-    temperature: float = Field(1.0, ge=0, allow_inf_nan=False, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
-    batch_size: int = Field(16, ge=1, description="prompts decoded at once")
-    precision: Literal["auto", "model", "bfloat16"] = Field(
-        "auto", description="auto: bf16 matmuls on CPUs with AMX when sampling, else the model's dtype")
+    temperature: Temperature = 1.0
 
 
 class EvalConfig(BaseModel):

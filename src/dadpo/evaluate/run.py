@@ -13,7 +13,6 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 from dadpo.errors import DadpoError
@@ -160,7 +159,7 @@ def seed_caches(out_dir: Path, reuse: Sequence[str | os.PathLike], models: dict[
         theirs = row.get("generation") or {}
         if theirs.get("seed") not in config.seeds:
             return False
-        ours = asdict(answer_config(config, theirs["seed"]))
+        ours = answer_config(config, theirs["seed"]).model_dump()
         auto = ours["precision"] == "auto"  # resolved per model when answering; compared there again
         return theirs == ours or (auto and {**theirs, "precision": "auto"} == ours)
 

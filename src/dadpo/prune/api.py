@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dadpo.errors import DadpoError
+from dadpo.errors import ConfigError, DadpoError
 from dadpo.io import check_removable, read_json_object
 from dadpo.prune.config import PruneConfig
 
@@ -95,8 +95,8 @@ def check_reachable(model, config: PruneConfig) -> None:
     total = count_params(model)["total"]
     reachable = max_removable(units, config.targets)
     if config.ratio * total > reachable + 0.005 * total:
-        raise DadpoError(f"--ratio {config.ratio} cannot be reached with targets={config.targets} in layers "
-                         f"{config.layers or 'all'} (at most {reachable / total:.3f} removable)")
+        raise ConfigError("prune.ratio", f"{config.ratio} cannot be reached with targets={config.targets} in "
+                          f"layers {config.layers or 'all'} (at most {reachable / total:.3f} removable)")
 
 
 def _library_versions() -> dict[str, str]:
@@ -144,7 +144,7 @@ def _evaluate(model, tok, config: PruneConfig, text: str | None) -> dict:
     if text is not None:
         t0 = time.time()
         out["perplexity"] = perplexity(model, tok, text, seq_len=config.ppl_seq_len,
-                                       max_windows=config.ppl_max_windows)
+                                       max_windows=config.ppl_max_windows, window_stride=config.ppl_window_stride)
         out["perplexity"]["seconds"] = round(time.time() - t0, 1)
     if config.sample_max_new_tokens:
         cfg = GenerationConfig(max_new_tokens=config.sample_max_new_tokens, batch_size=1, seed=config.seed)

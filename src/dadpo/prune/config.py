@@ -23,11 +23,16 @@ class PruneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ratio: float = Field(0.2, description="fraction of ALL parameters to remove (embeddings counted), (0, 0.9]")
-    importance: Literal["taylor", "activation", "magnitude", "random"] = "taylor"
-    targets: Literal["mlp", "heads", "both"] = "mlp"
-    layers: str | None = Field(None, description='decoder layers to prune, "start:end" (Python slice), None = all')
-    allocation: Literal["uniform", "global"] = "uniform"
-    calib: str = Field("dolly", description="prompt set for calibration (alias, file or hub id)")
+    importance: Literal["taylor", "activation", "magnitude", "random"] = Field(
+        "taylor", description="taylor = |w·dL/dw| on calibration data; activation = |w|·||x||; magnitude = L2")
+    targets: Literal["mlp", "heads", "both"] = Field(
+        "mlp", description="prune MLP channels, attention heads, or both (mlp measured best on SmolLM2)")
+    layers: str | None = Field(None, description='decoder layers to prune, "start:end" (a Python slice; None = '
+                               'all); keeping the first and last layers whole (LLM-Pruner style, e.g. 4:28 of 30) '
+                               'matters a lot for quality')
+    allocation: Literal["uniform", "global"] = Field(
+        "uniform", description="uniform = same widths in every pruned layer; global = widths by importance per layer")
+    calib: str = Field("dolly", description="prompt set for calibration (alias under $DADPO_DATA_DIR, file or hub id)")
     calib_samples: int = Field(64, ge=1, description="calibration sequences, sampled (seeded) from the set")
     calib_skip: int = Field(0, ge=0, description="sample calibration prompts only from the rows after the first "
                             "N of the set, e.g. the rows an evaluation set holds out (Dolly: evaluate.dolly_heldout)")
@@ -37,10 +42,14 @@ class PruneConfig(BaseModel):
                               "calibration inputs after cutting (dadpo.prune.reconstruct)")
     reconstruct_damping: float = Field(0.001, ge=0, description="ridge damping, fraction of mean diag of XᵀX")
     mlp_round_to: int = Field(8, ge=1, description="MLP widths are cut in blocks of this many channels")
-    seed: int = 0
-    ppl_corpus: str = "wikitext2"
-    ppl_seq_len: int = Field(128, ge=2)
-    ppl_max_windows: int | None = Field(None, ge=0, description="None = whole corpus, 0 = skip perplexity")
+    seed: int = Field(0, description="seed for calibration sampling and random importance")
+    ppl_corpus: str = Field("wikitext2", description="perplexity corpus before and after pruning")
+    ppl_seq_len: int = Field(128, ge=2, description="perplexity window length in tokens")
+    ppl_window_stride: int = Field(10, ge=1, description="score every k-th window of the whole text: 1 = every "
+                                   "window; 10 = a tenth of the time, a proxy whose pruned/dense ratio tracked the "
+                                   "whole text's within ~1% (docs/benchmarks.md#prune)")
+    ppl_max_windows: int | None = Field(None, ge=0, description="score at most N windows (0 = skip perplexity; "
+                                        "None = all the stride gives)")
     sample_prompt: str = "Give three tips for staying healthy."
     sample_max_new_tokens: int = Field(48, ge=0)
 
@@ -75,14 +84,3 @@ class PruneConfig(BaseModel):
         if end > n_layers or start >= n_layers:
             raise DadpoError(f"layers {self.layers!r} is outside the model's {n_layers} decoder layers (0:{n_layers})")
         return range(start, end)
-
-
-def config_error(e, flags: bool = False) -> str:
-    """A pydantic ValidationError as one line naming the field(s) (as --flags for the CLI)."""
-    parts = []
-    for err in e.errors():
-        field = ".".join(str(x) for x in err["loc"]) or "prune"
-        field = "--" + field.replace("_", "-") if flags else field
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{field}: {msg}")
-    return "; ".join(parts)

@@ -17,10 +17,16 @@ def _ppl(side: dict) -> str:
     return f"{p['ppl']:.2f}" if p else "skipped"
 
 
+def _windows(ppl: dict) -> str:
+    """Which windows were scored: every one of the text, or every k-th (the proxy)."""
+    stride = ppl.get("window_stride", 1)
+    return f"{ppl['windows']} windows" + (f": every {stride}-th of the text (proxy)" if stride > 1 else "")
+
+
 def render_markdown(r: dict) -> str:
     b, a = r["params_before"], r["params_after"]
     ppl = r["after"].get("perplexity") or r["before"].get("perplexity")
-    ppl_note = (f" ({r['config']['ppl_corpus']}, seq_len {ppl['seq_len']}, {ppl['windows']} windows)" if ppl else "")
+    ppl_note = f" ({r['config']['ppl_corpus']}, seq_len {ppl['seq_len']}, {_windows(ppl)})" if ppl else ""
     lines = [
         f"# Pruned {r['source_model']}",
         "",

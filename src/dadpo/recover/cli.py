@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from dadpo.decoding import DecodingConfig
 from dadpo.io import check_out_path
 from dadpo.recover.config import DSFTConfig, KDConfig, LoraConfig, RecoverConfig, SamplingConfig
+from dadpo.settings import add_config_flags, field_help, flag_name
 
 _D, _KD, _LORA, _S, _SFT = RecoverConfig(), KDConfig(), LoraConfig(), SamplingConfig(), DSFTConfig()
-
-
-def _help(model, field: str) -> str:
-    """A flag's help is its config field's description (the formatter adds the default)."""
-    return model.model_fields[field].description.replace("%", "%%")
 
 
 def register(subparsers) -> None:
@@ -33,7 +30,7 @@ def register(subparsers) -> None:
                    help="dsft: stop after distilled SFT; kd: token KD; dpo: dDPO; dadpo: distribution-aware DPO")
     p.add_argument("--beta1", type=float, default=_D.beta1, help="β1, KL weight to π_ref (the DPO β)")
     p.add_argument("--beta2", type=float, default=_D.beta2, help="β2, KL weight to the teacher (daDPO)")
-    p.add_argument("--margin", choices=["sum", "mean"], default=_D.margin, help=_help(RecoverConfig, "margin"))
+    p.add_argument("--margin", choices=["sum", "mean"], default=_D.margin, help=field_help(RecoverConfig, "margin"))
     p.add_argument("--lr", type=float, default=_D.lr, help="learning rate of the last stage")
     p.add_argument("--epochs", type=float, default=_D.epochs, help="epochs of the last stage")
     p.add_argument("--batch-size", type=int, default=_D.batch_size, help="pairs/sequences per step")
@@ -47,9 +44,10 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=_D.seed, help="seed for sampling, data order and init")
     p.add_argument("--warmup-ratio", type=float, default=_D.warmup_ratio, help="linear warmup fraction")
     p.add_argument("--save-steps", type=int, default=_D.save_steps, help="checkpoint every N steps")
-    p.add_argument("--logging-steps", type=int, default=_D.logging_steps, help=_help(RecoverConfig, "logging_steps"))
+    p.add_argument("--logging-steps", type=int, default=_D.logging_steps,
+                   help=field_help(RecoverConfig, "logging_steps"))
     p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default=_D.report_to,
-                   help=_help(RecoverConfig, "report_to"))
+                   help=field_help(RecoverConfig, "report_to"))
     p.add_argument("--skip-prompts", type=int, default=_D.skip_prompts,
                    help=RecoverConfig.model_fields["skip_prompts"].description)
     p.add_argument("--train-prompts", type=int, default=None, help="train on N prompts (default: all)")
@@ -67,12 +65,7 @@ def register(subparsers) -> None:
     g.add_argument("--lora-dropout", type=float, default=_LORA.dropout, help="dropout")
     g.add_argument("--lora-target-modules", default=",".join(_LORA.target_modules), help="comma-separated")
     g = p.add_argument_group("pair sampling")
-    g.add_argument("--max-new-tokens", type=int, default=_S.max_new_tokens, help="tokens per response")
-    g.add_argument("--temperature", type=float, default=_S.temperature, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=_S.top_p, help="nucleus mass")
-    g.add_argument("--gen-batch-size", type=int, default=_S.batch_size, help="prompts per generation batch")
-    g.add_argument("--precision", choices=["auto", "model", "bfloat16"], default=_S.precision,
-                   help=_help(SamplingConfig, "precision"))
+    add_config_flags(g, SamplingConfig, DecodingConfig.model_fields, renames={"batch_size": "gen_batch_size"})
     g.add_argument("--student-from", choices=["dsft", "student"], default=_S.student_from,
                    help="model that samples the rejected responses")
     g = p.add_argument_group("dSFT stage (gives π_ref)")
@@ -110,12 +103,14 @@ _FLAG_RENAMES = {"sampling.batch_size": "gen-batch-size", "lora": "lora-target-m
 
 def _flag(loc: str) -> str:
     """Config location → the flag that sets it (sampling.top_p → --top-p, kd.top_k → --kd-top-k)."""
+    if not loc:
+        return "recover"
     if loc in _FLAG_RENAMES:
         return "--" + _FLAG_RENAMES[loc]
     section, _, key = loc.partition(".")
     key = key.split(".")[0] if key else section
     prefix = {"kd": "kd-", "lora": "lora-", "dsft": "dsft-", "sampling": ""}.get(section, "")
-    return "--" + (prefix + key if section in ("kd", "lora", "dsft", "sampling") else section).replace("_", "-")
+    return flag_name(prefix + key if section in ("kd", "lora", "dsft", "sampling") else section)
 
 
 def cmd_recover(args) -> int:

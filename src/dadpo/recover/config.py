@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dadpo.errors import DadpoError
+from dadpo.decoding import DecodingConfig, MaxNewTokens, Temperature, TopP
+from dadpo.settings import validated
 
 
 class _Section(BaseModel):
@@ -45,15 +46,12 @@ class LoraConfig(_Section):
         return v
 
 
-class SamplingConfig(_Section):
+class SamplingConfig(DecodingConfig):
     """How teacher (chosen) and student (rejected) responses are sampled, once, before training."""
 
-    max_new_tokens: int = Field(192, ge=1)
-    temperature: float = Field(0.7, ge=0, description="0 = greedy")
-    top_p: float = Field(0.95, gt=0, le=1)
-    batch_size: int = Field(16, ge=1, description="prompts decoded at once")
-    precision: Literal["auto", "model", "bfloat16"] = Field(
-        "auto", description="auto: bf16 matmuls on CPUs with AMX when sampling, else the model's dtype")
+    max_new_tokens: MaxNewTokens = 192
+    temperature: Temperature = 0.7
+    top_p: TopP = 0.95
     student_from: Literal["dsft", "student"] = Field(
         "dsft", description="sample rejected responses from the dSFT model (paper) or the raw student")
 
@@ -136,13 +134,7 @@ class RecoverConfig(_Section):
         return self.kd.weight > 0 and self.method != "dsft"
 
     @classmethod
-    def parse(cls, data: dict, name: Callable[[str], str] = lambda loc: f"recover.{loc}") -> RecoverConfig:
+    def parse(cls, data: dict, name: Callable[[str], str] = lambda loc: f"recover.{loc}".rstrip(".")) -> RecoverConfig:
         """Validate a dict (YAML section, CLI flags) into a config; the first error becomes one DadpoError
         line naming the field as `name(dotted.location)` (a YAML key by default, a flag for the CLI)."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-            msg = err["msg"].removeprefix("Value error, ")
-            raise DadpoError(f"{name(loc)}: {msg}") from None
+        return validated(cls, data, name)

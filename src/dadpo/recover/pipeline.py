@@ -29,8 +29,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dadpo.data import PromptRecord, load_prompts
+from dadpo.decoding import GenerationConfig
 from dadpo.errors import DadpoError
-from dadpo.generation import GenerationConfig, generate_to_file
+from dadpo.generation import generate_to_file
 from dadpo.io import atomic_write_json
 from dadpo.models import load_model, model_stamp
 from dadpo.recover.artefacts import cached_json, claim_run, copy_model, link_shared
@@ -140,9 +141,7 @@ def _generate(spec: str, records: list[PromptRecord], cfg: RecoverConfig, path: 
         rows = read_jsonl(path)
         if {r["id"] for r in rows} >= {r.id for r in records}:
             return {r["id"]: r["response"] for r in rows}
-    s = cfg.sampling
-    gen = GenerationConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                           batch_size=s.batch_size, seed=cfg.seed, precision=s.precision)
+    gen = GenerationConfig.of(cfg.sampling, cfg.seed)
     model, tok = load_model(spec)
     rows = generate_to_file(model, tok, records, gen, path, model_name=name or model_stamp(spec))
     return {r["id"]: r["response"] for r in rows}
