@@ -122,7 +122,7 @@ def test_variants_set_any_recover_field_and_run_after_their_dsft():
 
 
 @pytest.mark.parametrize(("methods", "message"), [
-    ("dadpo@beta3=1", "--methods dadpo@beta3=1: recover.beta3: Extra inputs are not permitted"),
+    ("dadpo@beta3=1", "--methods dadpo@beta3=1: recover.beta3: unknown key; did you mean beta2?"),
     ("dadpo@beta2=-1", "--methods dadpo@beta2=-1: recover.beta2: must be > 0, got -1.0"),
     ("dadpo@margin=median", "--methods dadpo@margin=median: recover.margin: Input should be 'sum' or 'mean'"),
     ("dadpo@beta2", "--methods dadpo@beta2: 'beta2': expected KEY.PATH=VALUE"),
@@ -144,7 +144,8 @@ def test_bad_variants_are_one_line_before_anything_runs(methods, message, capsys
 def test_variants_become_recover_stages_that_share_the_method_independent_work(tmp_path):
     from dadpo.pipeline import bench_plan
     from dadpo.recipe import load_recipe
-    from dadpo.recover.artefacts import shared_key
+    from dadpo.recover.artefacts import artefact_keys
+    from dadpo.recover.config import RecoverConfig
 
     recipe = load_recipe("recipes/smollm2-135m-prune20-dadpo.yaml", [f"output_dir={tmp_path}"])
     stages = bench_plan(recipe, ["none", "dpo", "dadpo@beta2=0.003", "dadpo@margin=mean", "dadpo@seed=1"])
@@ -154,5 +155,7 @@ def test_variants_become_recover_stages_that_share_the_method_independent_work(t
     evaluate = stages[-1].config["students"]
     assert list(evaluate) == ["none", "dpo", "dadpo@beta2=0.003", "dadpo@margin=mean", "dadpo@seed=1"]
     assert evaluate["dadpo@margin=mean"] == str(tmp_path / "bench" / "recover-dadpo@margin=mean" / "model")
-    keys = [shared_key({"config": s.config}) for s in stages[1:5]]
-    assert keys[0] == keys[1] == keys[2] != keys[3]  # another seed samples and trains anew; β and margin do not
+    keys = [artefact_keys({**{k: s.config[k] for k in ("teacher", "student", "prompts")},
+                           "config": {k: s.config[k] for k in RecoverConfig.model_fields}}) for s in stages[1:5]]
+    assert keys[0] == keys[1] == keys[2]  # β and margin share every artefact
+    assert all(keys[3][name] != keys[0][name] for name in keys[0])  # another seed samples and trains anew

@@ -307,7 +307,6 @@ def test_run_evaluate_end_to_end_then_rerun_pays_nothing(data_aliases, smollm_di
 
 def test_seed_caches_copies_only_matching_finished_work(tmp_path):
     """A sibling run's answers/metrics/verdicts of the same spec and settings are copied; others are not."""
-    from dataclasses import asdict
 
     from dadpo.evaluate.answers import answer_config, model_slug
     from dadpo.evaluate.run import seed_caches
@@ -315,7 +314,7 @@ def test_seed_caches_copies_only_matching_finished_work(tmp_path):
 
     cfg = EvalConfig(sets=["vicuna_bench"])
     other, ours = tmp_path / "run" / "evaluate", tmp_path / "bench" / "evaluate"
-    stamp = {"model": "/m/pruned", "generation": asdict(answer_config(cfg))}
+    stamp = {"model": "/m/pruned", "generation": answer_config(cfg).model_dump()}
     folder = other / "answers" / model_slug("pruned", "/m/pruned")
     folder.mkdir(parents=True)
     ours.mkdir(parents=True)

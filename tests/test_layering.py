@@ -84,3 +84,33 @@ def test_help_imports_no_torch():
             "heavy = [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules]\nprint(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def environment_writes(src: Path = SRC) -> list[str]:
+    """`module:line` of every write to `os.environ` in dadpo (item assignment, deletion, pop, update,
+    setdefault): settings such as the data folder travel as arguments, never through the process."""
+    found = []
+    for path in (src / "dadpo").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Assign | ast.Delete):
+                targets = node.targets
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
+                    "pop", "update", "setdefault", "clear", "__setitem__"):
+                targets = [node.func.value]
+            for t in targets:
+                t = t.value if isinstance(t, ast.Subscript) else t
+                if isinstance(t, ast.Attribute) and t.attr == "environ":
+                    found.append(f"{path.relative_to(src)}:{node.lineno}")
+    return found
+
+
+def test_settings_never_travel_through_the_environment(tmp_path):
+    """Only the command line's start sets TOKENIZERS_PARALLELISM (for the tokenizers library, not dadpo);
+    a recipe's data_dir reaches the stages as an argument."""
+    assert environment_writes() == ["dadpo/cli.py:" + str(next(
+        i for i, line in enumerate((SRC / "dadpo" / "cli.py").read_text().splitlines(), 1)
+        if "TOKENIZERS_PARALLELISM" in line))]
+    (tmp_path / "dadpo").mkdir()
+    (tmp_path / "dadpo" / "m.py").write_text('import os\nos.environ["DADPO_DATA_DIR"] = "x"\n')
+    assert environment_writes(tmp_path) == ["dadpo/m.py:2"]

@@ -97,7 +97,7 @@ def test_decoding_settings_are_declared_once():
         max_new_tokens=192, temperature=0.7, top_p=0.95, seed=3)
 
 
-def test_one_error_formatter_names_the_key_in_a_recipe_and_the_flag_on_a_command_line(capsys):
+def test_one_error_formatter_names_the_key_in_a_recipe_and_the_flag_on_a_command_line(capsys, tmp_path):
     """Recipes and every command report a bad setting through `dadpo.settings`: one line naming the YAML path
     (with the closest valid key for a typo) or the flag."""
     from dadpo.cli import main
@@ -113,11 +113,17 @@ def test_one_error_formatter_names_the_key_in_a_recipe_and_the_flag_on_a_command
         with pytest.raises(DadpoError) as e:
             validate_recipe({**base, **change})
         assert message in str(e.value)
+    config_file = tmp_path / "eval.yaml"
+    config_file.write_text("sets: [vicuna_bench]\ngeneration: {top_p: 2}\n")  # a file's key is named as written
     for argv, flag in ((["recover", "--student", "s", "--teacher", "t", "--prompts", "p", "--out", "/tmp/x",
                          "--top-p", "2"], "--top-p:"),
                        (["prune", "--model", "m", "--out", "/tmp/x", "--ratio", "0"], "--ratio:"),
                        (["evaluate", "--students", "s", "--teacher", "t", "--out", "/tmp/x", "--top-p", "2"],
-                        "generation.top_p:")):
+                        "--top-p:"),
+                       (["evaluate", "--students", "s", "--teacher", "t", "--out", "/tmp/x", "--seeds", "1,1"],
+                        "--seeds:"),
+                       (["evaluate", "--students", "s", "--teacher", "t", "--out", "/tmp/x", "--config",
+                         str(config_file)], "generation.top_p:")):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert flag in err and len(err.strip().splitlines()) == 1, err

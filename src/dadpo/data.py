@@ -246,15 +246,24 @@ def _load_hub(name: str, split: str) -> list[dict]:
     return list(ds)
 
 
-def load_prompts(source: str, *, fmt: str | None = None, split: str | None = None) -> list[PromptRecord]:
-    """Load a prompt set from a local path, an alias or a hub id, normalised to `PromptRecord`s."""
+def data_folder(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The local data folder aliases resolve under: `data_dir` if given, else `$DADPO_DATA_DIR` (the one
+    place that variable is read), else None (the hub). Settings pass `data_dir` down as an argument."""
+    folder = data_dir or os.environ.get("DADPO_DATA_DIR")
+    return Path(folder).expanduser().resolve() if folder else None
+
+
+def load_prompts(source: str, *, fmt: str | None = None, split: str | None = None,
+                 data_dir: str | os.PathLike | None = None) -> list[PromptRecord]:
+    """Load a prompt set from a local path, an alias (under `data_folder(data_dir)`, else its hub copy) or a
+    hub id, normalised to `PromptRecord`s."""
     source = str(source)
     path = Path(source).expanduser()
     if source in ALIASES:
         alias = ALIASES[source]
-        data_dir = os.environ.get("DADPO_DATA_DIR")
-        if data_dir and (Path(data_dir) / alias.local).is_file():
-            path = Path(data_dir) / alias.local
+        folder = data_folder(data_dir)
+        if folder and (folder / alias.local).is_file():
+            path = folder / alias.local
         elif alias.hub:
             return normalise(_load_hub(alias.hub, split or alias.split), source, fmt)
         else:

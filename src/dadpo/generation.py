@@ -26,6 +26,7 @@ from dadpo.engine import Engine, Request, request_seed, resolve_precision, unsup
 from dadpo.errors import DadpoError
 from dadpo.io import append_jsonl, atomic_write_text, read_jsonl, truncate_torn_tail
 from dadpo.models import chat_end_token_ids
+from dadpo.reuse import content_key
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,12 @@ def generate_to_file(model, tok, records: list[PromptRecord], cfg: GenerationCon
 STAMP_KEYS = ("id", "model", "generation")
 
 
+def answer_key(row: dict) -> str:
+    """The content key of an answer: the model stamp (spec and weights) and the resolved decoding settings
+    it was made with; rows of another key are never resumed from or reused."""
+    return content_key({"model": row.get("model"), "generation": row.get("generation")})
+
+
 def check_answers_out(out: str | os.PathLike) -> None:
     """Refuse an `out` (or its part file) that holds something other than answers dadpo wrote: it is never
     resumed from, overwritten or deleted. Cheap, so commands call it before loading a model."""
@@ -255,7 +262,7 @@ def _existing_rows(out: Path, part: Path, stamp: dict) -> dict[str, dict]:
         if path == part:
             truncate_torn_tail(part)
         for row in read_jsonl(path, drop_torn_tail=True):
-            if {k: row.get(k) for k in stamp} != stamp:
+            if answer_key(row) != answer_key(stamp):
                 raise DadpoError(f"{out} was written with other settings ({row.get('model')}, "
                                  f"{row.get('generation')}); use --overwrite or another --out")
             rows[row["id"]] = row

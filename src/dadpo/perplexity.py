@@ -8,6 +8,7 @@ import math
 import os
 from pathlib import Path
 
+from dadpo.data import data_folder
 from dadpo.errors import DadpoError
 
 #: name -> (local file under a data dir, hub dataset, hub config, split, text field)
@@ -18,7 +19,7 @@ CORPORA = {
 
 
 def load_corpus(name: str, data_dir: str | os.PathLike | None = None) -> str:
-    """The joined test text of a corpus: from `data_dir` (or `$DADPO_DATA_DIR`) if present, else the hub."""
+    """The joined test text of a corpus: from `data_folder(data_dir)` if it holds it, else the hub."""
     if name not in CORPORA:
         path = Path(name)
         if path.is_file():
@@ -29,9 +30,9 @@ def load_corpus(name: str, data_dir: str | os.PathLike | None = None) -> str:
         raise DadpoError(f"unknown perplexity corpus {name!r}: choose {', '.join(CORPORA)} "
                          "or give a text file")
     local, hub, config, split, field = CORPORA[name]
-    data_dir = data_dir or os.environ.get("DADPO_DATA_DIR")
-    if data_dir and (Path(data_dir) / local).is_file():
-        text = (Path(data_dir) / local).read_text(encoding="utf-8")
+    folder = data_folder(data_dir)
+    if folder and (folder / local).is_file():
+        text = (folder / local).read_text(encoding="utf-8")
         # PTB ships one sentence per line, each padded with spaces; the hub's rows are the stripped lines,
         # which GPTQ joins with " " (WikiText's file is already joined)
         return " ".join(line.strip() for line in text.splitlines()) if name == "ptb" else text

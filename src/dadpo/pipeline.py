@@ -21,20 +21,19 @@ directory, a parent of it, the home folder or a filesystem root.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dadpo.errors import DadpoError
 from dadpo.io import atomic_write_json, check_removable, read_json_object
+from dadpo.reuse import content_key
 
 if TYPE_CHECKING:
     from dadpo.recipe import Recipe
@@ -69,11 +68,9 @@ def stage_hash(stage: Stage, upstream_hashes: dict[str, str]) -> str:
     (fingerprinting an alias hashes its GGUF)."""
     from dadpo.models import model_fingerprint
 
-    blob = json.dumps({"name": stage.name, "config": stage.config,
-                       "upstream": {u: upstream_hashes[u] for u in stage.upstream},
-                       **({"weights": {m: model_fingerprint(m) for m in stage.models}} if stage.models else {})},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return content_key({"name": stage.name, "config": stage.config,
+                        "upstream": {u: upstream_hashes[u] for u in stage.upstream},
+                        **({"weights": {m: model_fingerprint(m) for m in stage.models}} if stage.models else {})})
 
 
 def read_manifest(stage_dir: Path) -> dict | None:
@@ -150,21 +147,6 @@ def run_stages(out: Path, stages: list[Stage], echo: Callable[[str], None] = pri
     return results
 
 
-@contextmanager
-def data_dir_env(data_dir: str | None):
-    """Point dataset aliases at `data_dir` for the duration of a run."""
-    old = os.environ.get("DADPO_DATA_DIR")
-    if data_dir:
-        os.environ["DADPO_DATA_DIR"] = str(Path(data_dir).expanduser().resolve())
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("DADPO_DATA_DIR", None)
-        else:
-            os.environ["DADPO_DATA_DIR"] = old
-
-
 def _dump(model) -> dict:
     return model.model_dump(mode="json") if model is not None else {}
 
@@ -178,7 +160,7 @@ def prune_stage(recipe: Recipe) -> Stage:
     def run(d: Path, resume: bool) -> dict:
         from dadpo.prune import prune_to_dir
 
-        report = prune_to_dir(recipe.teacher, d / "model", recipe.prune, overwrite=True)
+        report = prune_to_dir(recipe.teacher, d / "model", recipe.prune, overwrite=True, data_dir=recipe.data_dir)
         return {"model": str(d / "model"), **{k: report[k] for k in report if isinstance(report[k], int | float)}}
 
     return Stage("prune", {"teacher": recipe.teacher, **_dump(recipe.prune)}, run, models=named_models(recipe))
@@ -198,7 +180,8 @@ def recover_stage(recipe: Recipe, out: Path, name: str = "recover", config=None,
         from dadpo.recover import run_recover
 
         metrics = run_recover(student_path(recipe, out), recipe.teacher, recipe.prompts, d, cfg,
-                              overwrite=not resume, reuse=[r for r in reuse if r.is_dir()])
+                              overwrite=not resume, reuse=[r for r in reuse if r.is_dir()],
+                              data_dir=recipe.data_dir)
         return {"model": str(d / "model"), **metrics}
 
     return Stage(name, {"teacher": recipe.teacher, "student": recipe.student, "prompts": recipe.prompts,
@@ -212,7 +195,7 @@ def evaluate_stage(recipe: Recipe, students: dict[str, str], upstream: list[str]
     def run(d: Path, resume: bool) -> dict:
         from dadpo.evaluate import run_evaluate
 
-        return run_evaluate(students, recipe.teacher, d, recipe.evaluate, reuse=reuse)
+        return run_evaluate(students, recipe.teacher, d, recipe.evaluate, reuse=reuse, data_dir=recipe.data_dir)
 
     return Stage(name, {"teacher": recipe.teacher, "students": students, **_dump(recipe.evaluate)},
                  run, upstream, named_models(recipe))
@@ -338,17 +321,21 @@ def _check_datasets(recipe: Recipe, stages: list[Stage]) -> None:
     sets = [("prune.calib", recipe.prune.calib)] if recipe.prune and needs_calibration(recipe.prune) else []
     if any("prompts" in s.config for s in stages):  # a recover stage (bench recovers without a recover: section)
         sets.append(("prompts", recipe.prompts))
-    with data_dir_env(recipe.data_dir):
-        for key, source in sets:
-            try:
-                load_prompts(source)
-            except DadpoError as e:
-                raise DadpoError(f"{key}: {e}") from None
-        for entry in recipe.evaluate.sets if recipe.evaluate else []:
-            try:
-                load_eval_set(entry, recipe.evaluate.limit, recipe.evaluate.dolly_heldout)
-            except DadpoError as e:
-                raise DadpoError(f"evaluate.sets: {e}") from None
+    for key, source in sets:
+        try:
+            load_prompts(source, data_dir=recipe.data_dir)
+        except DadpoError as e:
+            raise DadpoError(f"{key}: {e}") from None
+    for entry in recipe.evaluate.sets if recipe.evaluate else []:
+        try:
+            load_eval_set(entry, recipe.evaluate.limit, recipe.evaluate.dolly_heldout, _eval_data_dir(recipe))
+        except DadpoError as e:
+            raise DadpoError(f"evaluate.sets: {e}") from None
+
+
+def _eval_data_dir(recipe: Recipe) -> str | None:
+    """Where the evaluate stage reads its sets, tasks and corpora: its own data_dir, else the recipe's."""
+    return recipe.evaluate.data_dir or recipe.data_dir
 
 
 def _check_held_out(recipe: Recipe, stages: list[Stage]) -> None:
@@ -366,33 +353,33 @@ def _check_held_out(recipe: Recipe, stages: list[Stage]) -> None:
     from dadpo.recover.pipeline import split_prompts
 
     uses: list[tuple[str, str, list]] = []  # (what the prompts are used for, the key that skips rows, records)
-    with data_dir_env(recipe.data_dir):
-        if recipe.prune and any(s.name == "prune" for s in stages) and needs_calibration(recipe.prune):
-            try:
-                uses.append((f"prune calibration prompts (prune.calib: {recipe.prune.calib})", "prune.calib_skip",
-                             calibration_records(recipe.prune)))
-            except DadpoError as e:
-                raise DadpoError(f"prune.{e}") from None
-        recovers = [s for s in stages if "prompts" in s.config]  # bench recovers without a recover: section
-        records = load_prompts(recipe.prompts) if recovers else []
-        splits = set()
-        for stage in recovers:
-            cfg = RecoverConfig.model_validate({k: stage.config[k] for k in RecoverConfig.model_fields})
-            if (split := (cfg.skip_prompts, cfg.eval_prompts, cfg.train_prompts)) in splits:
-                continue  # bench: every method trains on the same prompts
-            splits.add(split)
-            train, _ = split_prompts(records, cfg, recipe.prompts, key="prompts:")
-            uses.append((f"{stage.name} training prompts (prompts: {recipe.prompts})", "recover.skip_prompts", train))
-        if not (uses and recipe.evaluate and recipe.evaluate.sets):
-            return
-        for name, recs in load_eval_sets(recipe.evaluate).items():
-            for what, skip, used in uses:
-                if shared := shared_prompts(recs, used):
-                    rec, twin = shared[0]
-                    same = f" (id {twin.id!r} there)" if twin.id != rec.id else ""
-                    raise DadpoError(f"evaluate.sets: {len(shared)} of the {len(recs)} prompts of {name} are also "
-                                     f"{what}, e.g. id {rec.id!r}{same}; evaluation prompts must never be trained "
-                                     f"on: skip the rows evaluation holds out with {skip}, or evaluate other prompts")
+    if recipe.prune and any(s.name == "prune" for s in stages) and needs_calibration(recipe.prune):
+        try:
+            uses.append((f"prune calibration prompts (prune.calib: {recipe.prune.calib})", "prune.calib_skip",
+                         calibration_records(recipe.prune, recipe.data_dir)))
+        except DadpoError as e:
+            raise DadpoError(f"prune.{e}") from None
+    recovers = [s for s in stages if "prompts" in s.config]  # bench recovers without a recover: section
+    records = load_prompts(recipe.prompts, data_dir=recipe.data_dir) if recovers else []
+    splits = set()
+    for stage in recovers:
+        cfg = RecoverConfig.model_validate({k: stage.config[k] for k in RecoverConfig.model_fields})
+        if (split := (cfg.skip_prompts, cfg.eval_prompts, cfg.train_prompts)) in splits:
+            continue  # bench: every method trains on the same prompts
+        splits.add(split)
+        train, _ = split_prompts(records, cfg, recipe.prompts, key="prompts:")
+        uses.append((f"{stage.name} training prompts (prompts: {recipe.prompts})", "recover.skip_prompts", train))
+    if not (uses and recipe.evaluate and recipe.evaluate.sets):
+        return
+    eval_config = recipe.evaluate.model_copy(update={"data_dir": _eval_data_dir(recipe)})
+    for name, recs in load_eval_sets(eval_config).items():
+        for what, skip, used in uses:
+            if shared := shared_prompts(recs, used):
+                rec, twin = shared[0]
+                same = f" (id {twin.id!r} there)" if twin.id != rec.id else ""
+                raise DadpoError(f"evaluate.sets: {len(shared)} of the {len(recs)} prompts of {name} are also "
+                                 f"{what}, e.g. id {rec.id!r}{same}; evaluation prompts must never be trained "
+                                 f"on: skip the rows evaluation holds out with {skip}, or evaluate other prompts")
 
 
 def _check_models(recipe: Recipe) -> None:
@@ -434,5 +421,4 @@ def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print, stages: list
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / RECIPE_RECORD, recipe.model_dump(mode="json"))
-    with data_dir_env(recipe.data_dir):
-        return run_stages(out, stages, echo)
+    return run_stages(out, stages, echo)

@@ -16,16 +16,18 @@ from dadpo.generation import generate_to_file
 from dadpo.models import model_stamp
 
 
-def load_eval_set(entry: str, limit: int | None = None, dolly_heldout: int = DOLLY_HELDOUT) -> list[PromptRecord]:
+def load_eval_set(entry: str, limit: int | None = None, dolly_heldout: int = DOLLY_HELDOUT,
+                  data_dir: str | None = None) -> list[PromptRecord]:
     """The prompts of an evaluation set, first `limit` of them: a built-in name (dolly: the Dolly file's
     first `dolly_heldout` rows) or NAME=PATH, a prompt file or folder of any format `load_prompts` reads.
-    A missing or unreadable set is a one-line DadpoError naming it."""
+    A built-in set resolves under `data_dir` (default $DADPO_DATA_DIR, else the hub). A missing or unreadable
+    set is a one-line DadpoError naming it."""
     name, path = split_set(entry)
     if path is None:
         if name not in EVAL_SETS:
             raise DadpoError(f"unknown evaluation set {name!r}; choose from {', '.join(EVAL_SETS)}, "
                              "or give NAME=PATH")
-        records = load_prompts(name)
+        records = load_prompts(name, data_dir=data_dir)
         if name == "dolly":
             records = records[:dolly_heldout]
         return records[:limit]
@@ -43,7 +45,8 @@ def load_eval_set(entry: str, limit: int | None = None, dolly_heldout: int = DOL
 
 def load_eval_sets(config: EvalConfig) -> dict[str, list[PromptRecord]]:
     """Every set of `config.sets` by its display name (a built-in name, or the NAME of NAME=PATH)."""
-    return {split_set(s)[0]: load_eval_set(s, config.limit, config.dolly_heldout) for s in config.sets}
+    return {split_set(s)[0]: load_eval_set(s, config.limit, config.dolly_heldout, config.data_dir)
+            for s in config.sets}
 
 
 def has_references(records: list[PromptRecord] | list[dict]) -> bool:

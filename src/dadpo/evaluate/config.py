@@ -109,7 +109,8 @@ class EvalConfig(BaseModel):
     task_batch_size: int = Field(16, ge=1)
     data_dir: str | None = Field(
         None,
-        description="local data folder for tasks/corpora ($DADPO_DATA_DIR when unset; the hub when neither)",
+        description="local data folder for evaluation sets, tasks and corpora ($DADPO_DATA_DIR when unset; "
+        "the hub when neither)",
     )
     ppl_corpora: list[str] = Field(default_factory=list, description=f"of {', '.join(CORPORA)} or text files")
     seq_lens: list[int] = Field(default_factory=lambda: [128], description="perplexity window lengths")

@@ -8,13 +8,13 @@ report.md, *.png.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from dadpo.data import data_folder
 from dadpo.errors import DadpoError
 from dadpo.evaluate.answers import (
     answer_config,
@@ -31,15 +31,18 @@ from dadpo.evaluate.reference import diagnostics, paired_difference, prompt_scor
 from dadpo.evaluate.report import write_plots, write_report
 from dadpo.evaluate.stats import calibrated_margin, combine, judge_validity, pairwise_summary, summarize
 from dadpo.evaluate.zeroshot import run_zeroshot
+from dadpo.generation import answer_key
 from dadpo.io import atomic_write_json, atomic_write_text, read_jsonl
 from dadpo.models import model_stamp
 from dadpo.perplexity import load_corpus, perplexity
+from dadpo.reuse import content_key
 
 log = logging.getLogger(__name__)
 
 
 def _data_dir(config: EvalConfig) -> str | None:
-    return config.data_dir or os.environ.get("DADPO_DATA_DIR")
+    folder = data_folder(config.data_dir)
+    return str(folder) if folder else None
 
 
 def model_metrics(
@@ -47,12 +50,9 @@ def model_metrics(
 ) -> dict:
     """Zero-shot accuracy and perplexity of a loaded model, cached in `out_dir/metrics/<model>.json` under a
     key of the settings and the model's weights (`model_stamp`)."""
-    key = hashlib.sha256(
-        json.dumps(
-            [model_stamp(spec), config.tasks, config.task_limit, config.ppl_corpora, config.seq_lens,
-             config.ppl_max_windows, _data_dir(config)]
-        ).encode()
-    ).hexdigest()[:16]
+    key = content_key({"model": model_stamp(spec), "tasks": config.tasks, "task_limit": config.task_limit,
+                       "ppl_corpora": config.ppl_corpora, "seq_lens": config.seq_lens,
+                       "ppl_max_windows": config.ppl_max_windows, "data_dir": _data_dir(config)})
     path = Path(out_dir) / "metrics" / f"{model_slug(name, spec)}.json"
     if path.is_file():
         cached = json.loads(path.read_text())
@@ -155,13 +155,15 @@ def seed_caches(out_dir: Path, reuse: Sequence[str | os.PathLike], models: dict[
     (answers, zero-shot/perplexity metrics, judge verdicts), so `dadpo bench` does not redo `dadpo run`'s work.
     Only finished files are taken; answers must carry the same model stamp (spec and weights) and generation
     settings, and metrics are still checked against their cache key when used."""
-    def same_settings(row: dict) -> bool:
+    def ours(row: dict, stamp: dict) -> bool:
+        """Whether an answer row has the key this run's answers of that model and seed will have."""
         theirs = row.get("generation") or {}
         if theirs.get("seed") not in config.seeds:
             return False
-        ours = answer_config(config, theirs["seed"]).model_dump()
-        auto = ours["precision"] == "auto"  # resolved per model when answering; compared there again
-        return theirs == ours or (auto and {**theirs, "precision": "auto"} == ours)
+        mine = answer_config(config, theirs["seed"]).model_dump()
+        if mine["precision"] == "auto":  # resolved per model when answering; checked there again
+            mine["precision"] = theirs.get("precision")
+        return answer_key(row) == answer_key({"model": stamp, "generation": mine})
 
     stamps = {spec: model_stamp(spec) for spec in set(models.values())}
     verdicts = VerdictCache(out_dir / "verdicts.jsonl")
@@ -173,7 +175,7 @@ def seed_caches(out_dir: Path, reuse: Sequence[str | os.PathLike], models: dict[
             for src in other.glob(f"answers/*-{digest}/*.jsonl"):
                 dst = out_dir / "answers" / slug / src.name
                 rows = read_jsonl(src)
-                if not dst.exists() and all(r.get("model") == stamps[spec] and same_settings(r) for r in rows):
+                if not dst.exists() and all(ours(r, stamps[spec]) for r in rows):
                     atomic_write_text(dst, src.read_text())
             for src in other.glob(f"metrics/*-{digest}.json"):
                 dst = out_dir / "metrics" / f"{slug}.json"
@@ -192,11 +194,13 @@ def run_evaluate(
     *,
     progress: bool = True,
     reuse: Sequence[str | os.PathLike] = (),
+    data_dir: str | None = None,
 ) -> dict:
     """Evaluate each student (name -> model spec) against `teacher`; write results.json, report.md, PNGs.
 
     `reuse`: other evaluate output dirs whose cached answers, metrics and verdicts of the same models are
-    copied in first (see `seed_caches`)."""
+    copied in first (see `seed_caches`). `data_dir`: the data folder when `config.data_dir` is unset (a
+    recipe's top-level data_dir)."""
     from dadpo.models import load_model, load_tokenizer
 
     if not students:
@@ -210,6 +214,8 @@ def run_evaluate(
             if n not in models:
                 raise DadpoError(f"evaluate.baseline/compare: no model named {n!r} (models: {', '.join(models)})")
     out_dir = Path(out_dir)
+    if data_dir and not config.data_dir:
+        config = config.model_copy(update={"data_dir": data_dir})
     # cheap checks first: a missing API key, a bad spec or set fails now, not after an hour of work, and
     # before out_dir is made, so a refused run leaves no empty folder behind
     judge = make_judge(config.judge) if config.judge and config.judge.kind == "openai" and config.sets else None

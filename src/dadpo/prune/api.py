@@ -19,8 +19,9 @@ from dadpo.prune.config import PruneConfig
 log = logging.getLogger(__name__)
 
 
-def prune(model, tokenizer, config: PruneConfig) -> dict:
-    """Remove `config.ratio` of all parameters from `model` in place; return what was done."""
+def prune(model, tokenizer, config: PruneConfig, data_dir: str | None = None) -> dict:
+    """Remove `config.ratio` of all parameters from `model` in place; return what was done. `data_dir`: the
+    local data folder a calibration alias resolves under (default $DADPO_DATA_DIR, else the hub)."""
     from dadpo.prune.importance import calibration_batches, score_units
     from dadpo.prune.plan import make_plan
     from dadpo.prune.pruner import (
@@ -39,7 +40,7 @@ def prune(model, tokenizer, config: PruneConfig) -> dict:
     before = count_params(model)
     target = round(config.ratio * before["total"])
     units, graphs = build_units(model, layers)
-    batches = calibration_batches(tokenizer, config) if needs_calibration(config) else []
+    batches = calibration_batches(tokenizer, config, data_dir) if needs_calibration(config) else []
     was_training = model.training
     model.eval()
     log.info("scoring %d layers by %s on %d calibration batches", len(units), config.importance, len(batches))
@@ -165,8 +166,9 @@ def _reload_diff(model, path: Path) -> float:
 
 
 def prune_to_dir(model_spec: str, out_dir, config: PruneConfig, overwrite: bool = False, *,
-                 dtype: str = "float32", trust_remote_code: bool = False) -> dict:
-    """Prune a model spec into `out_dir` (safetensors, tokenizer, pruning.json, report.json/md); returns report."""
+                 dtype: str = "float32", trust_remote_code: bool = False, data_dir: str | None = None) -> dict:
+    """Prune a model spec into `out_dir` (safetensors, tokenizer, pruning.json, report.json/md); returns report.
+    Calibration and perplexity data resolve under `data_dir` (default $DADPO_DATA_DIR, else the hub)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from dadpo.models import load_model, resolve_model
@@ -187,12 +189,12 @@ def prune_to_dir(model_spec: str, out_dir, config: PruneConfig, overwrite: bool 
     if needs_calibration(config):
         from dadpo.prune.importance import calibration_records
 
-        calibration_records(config)  # fail on a bad --calib or --calib-skip before loading the model
-    text = load_corpus(config.ppl_corpus) if config.ppl_max_windows != 0 else None
+        calibration_records(config, data_dir)  # fail on a bad --calib or --calib-skip before loading the model
+    text = load_corpus(config.ppl_corpus, data_dir) if config.ppl_max_windows != 0 else None
 
     model, tok = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
     before = _evaluate(model, tok, config, text)
-    report = prune(model, tok, config)
+    report = prune(model, tok, config, data_dir)
     after = _evaluate(model, tok, config, text)
     report.update({"source_model": model_spec, "importance": config.importance, "targets": config.targets,
                    "allocation": config.allocation, "config": config.model_dump(), "before": before,

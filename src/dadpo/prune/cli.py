@@ -13,20 +13,21 @@ FLAGS = ("ratio", "importance", "targets", "layers", "allocation", "calib", "cal
          "calib_max_len", "calib_batch_size", "reconstruct", "reconstruct_damping", "mlp_round_to", "seed",
          "ppl_seq_len", "ppl_window_stride", "ppl_max_windows")
 
+_DESCRIPTION = (
+    "Structured, GQA-aware pruning of MLP channels and attention heads with torch-pruning, to an exact fraction "
+    "of ALL parameters (embeddings counted, ±0.5 pp). Saves safetensors + config + tokenizer + pruning.json + "
+    "report.json/report.md (parameters, time, memory, WikiText-2 perplexity before/after — every 10th window "
+    "by default —, a sample answer) into --out, atomically. Uniform results load with plain "
+    "AutoModelForCausalLM.from_pretrained; non-uniform ones after `import dadpo.modeling_dadpo_pruned`, or "
+    "anywhere with trust_remote_code=True (the folder carries that module).")
+
 
 def register(subparsers) -> None:
     from dadpo.cli import add_model_args
     from dadpo.prune.config import PruneConfig
 
-    p = subparsers.add_parser(
-        "prune", help="prune a model to a parameter ratio",
-        description="Structured, GQA-aware pruning of MLP channels and attention heads with torch-pruning, "
-        "to an exact fraction of ALL parameters (embeddings counted, ±0.5 pp). Saves safetensors + config + "
-        "tokenizer + pruning.json + report.json/report.md (parameters, time, memory, WikiText-2 perplexity "
-        "before/after, a sample answer) into --out, atomically. Uniform results load with plain "
-        "AutoModelForCausalLM.from_pretrained; non-uniform ones after `import dadpo.modeling_dadpo_pruned`, "
-        "or anywhere with trust_remote_code=True (the folder carries that module).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("prune", help="prune a model to a parameter ratio", description=_DESCRIPTION,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
     p.add_argument("--out", required=True, help="output directory (must be empty or new unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

@@ -71,10 +71,11 @@ def _part_cost(part: Part) -> int:
     return lin.in_features + (lin.bias is not None) if side == "out" else lin.out_features
 
 
-def calibration_records(config: PruneConfig) -> list[PromptRecord]:
+def calibration_records(config: PruneConfig, data_dir: str | None = None) -> list[PromptRecord]:
     """The calibration prompts: `calib_samples` of the set's rows after the first `calib_skip`, sampled with
-    `seed`. Pure (no model), so a run's checks see exactly the prompts pruning will calibrate on."""
-    records = load_prompts(config.calib)
+    `seed` (an alias resolves under `data_dir`). Pure (no model), so a run's checks see exactly the prompts
+    pruning will calibrate on."""
+    records = load_prompts(config.calib, data_dir=data_dir)
     if config.calib_skip >= len(records):
         raise DadpoError(f"calib_skip: {config.calib_skip} skips every one of the {len(records)} prompts of "
                          f"{config.calib}")
@@ -83,9 +84,9 @@ def calibration_records(config: PruneConfig) -> list[PromptRecord]:
     return rng.sample(records, min(config.calib_samples, len(records)))
 
 
-def calibration_batches(tokenizer, config: PruneConfig) -> list[dict[str, torch.Tensor]]:
+def calibration_batches(tokenizer, config: PruneConfig, data_dir: str | None = None) -> list[dict[str, torch.Tensor]]:
     """Chat-formatted calibration sequences (prompt + reference answer when the set has one), right-padded."""
-    records = calibration_records(config)
+    records = calibration_records(config, data_dir)
     texts = []
     for r in records:
         msgs = r.messages + ([{"role": "assistant", "content": r.reference}] if r.reference else [])

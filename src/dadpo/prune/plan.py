@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -35,8 +36,18 @@ class LayerPlan:
         return len(self.mlp) * u.mlp_cost + q_gone * u.q_cost + len(self.kv) * u.kv_cost
 
 
-def _attention_moves(u: LayerUnits) -> list[tuple[float, int, str, list[int]]]:
-    """Greedy sequence of GQA-valid head removals in one layer: (score, cost, kind, heads) per move."""
+class Move(NamedTuple):
+    """One step of a removal plan: `units` (MLP channels, query heads, or one KV group) of a `kind` (mlp, q,
+    kv), their summed importance `score` and the parameters `cost` that removing them frees."""
+
+    score: float
+    cost: int
+    kind: str
+    units: list[int]
+
+
+def _attention_moves(u: LayerUnits) -> list[Move]:
+    """Greedy sequence of GQA-valid head removals in one layer."""
     group = u.n_q // u.n_kv
     kept = {j: list(range(j * group, (j + 1) * group)) for j in range(u.n_kv)}
     moves = []
@@ -45,28 +56,28 @@ def _attention_moves(u: LayerUnits) -> list[tuple[float, int, str, list[int]]]:
         options = []
         if g > 1:  # one query head (the weakest) out of every KV group
             heads = [min(qs, key=lambda h: u.q_scores[h].item()) for qs in kept.values()]
-            options.append((sum(u.q_scores[h].item() for h in heads), len(heads) * u.q_cost, "q", heads))
+            options.append(Move(sum(u.q_scores[h].item() for h in heads), len(heads) * u.q_cost, "q", heads))
         if len(kept) > 1:  # a whole KV group with its remaining query heads
             def group_score(j):
                 return u.kv_scores[j].item() + sum(u.q_scores[h].item() for h in kept[j])
             j = min(kept, key=group_score)
-            options.append((group_score(j), u.kv_cost + g * u.q_cost, "kv", [j]))
+            options.append(Move(group_score(j), u.kv_cost + g * u.q_cost, "kv", [j]))
         if not options:
             return moves
-        move = min(options, key=lambda m: m[0] / m[1])
+        move = min(options, key=lambda m: m.score / m.cost)
         moves.append(move)
-        if move[2] == "q":
-            for h in move[3]:
+        if move.kind == "q":
+            for h in move.units:
                 kept[h // group].remove(h)
         else:
-            del kept[move[3][0]]
+            del kept[move.units[0]]
 
 
-def _apply_move(plan: LayerPlan, move, group: int) -> None:
-    if move[2] == "q":
-        plan.q += move[3]
+def _apply_move(plan: LayerPlan, move: Move, group: int) -> None:
+    if move.kind == "q":
+        plan.q += move.units
     else:
-        j = move[3][0]
+        j = move.units[0]
         plan.kv.append(j)
         plan.q = [h for h in plan.q if h // group != j]
 
@@ -82,7 +93,7 @@ def plan_global(units: list[LayerUnits], target: int, targets: str, round_to: in
             limit = int(MAX_MLP_PRUNE * u.mlp_width)
             for start in range(0, limit - limit % round_to, round_to):
                 block = order[start:start + round_to]
-                moves.append((u.mlp_scores[block].sum().item(), len(block) * u.mlp_cost, "mlp", block))
+                moves.append(Move(u.mlp_scores[block].sum().item(), len(block) * u.mlp_cost, "mlp", block))
         streams[(u.index, "mlp")] = iter(moves)
         if targets in ("heads", "both"):
             streams[(u.index, "attn")] = iter(_attention_moves(u))
@@ -92,21 +103,21 @@ def plan_global(units: list[LayerUnits], target: int, targets: str, round_to: in
     def push(key):
         move = next(streams[key], None)
         if move is not None:
-            heapq.heappush(heap, (move[0] / move[1], key, move))
+            heapq.heappush(heap, (move.score / move.cost, key, move))
 
     for key in streams:
         push(key)
     removed = 0
     while heap and removed < target:
         _, key, move = heapq.heappop(heap)
-        if removed + move[1] > target + move[1] / 2:  # would overshoot by more than half a move: stop this stream
+        if removed + move.cost > target + move.cost / 2:  # would overshoot by more than half a move: stop this stream
             continue
         plan, u = plans[key[0]], by_index[key[0]]
-        if move[2] == "mlp":
-            plan.mlp += move[3]
+        if move.kind == "mlp":
+            plan.mlp += move.units
         else:
             _apply_move(plan, move, u.n_q // u.n_kv)
-        removed += move[1]
+        removed += move.cost
         push(key)
     return plans
 

@@ -1,8 +1,8 @@
 """The recover run folder: who made it (recover.json), what sibling runs share, cached files and models.
 
-A run's method-independent artefacts (`SHARED`: teacher answers, dSFT model, student answers, scores)
-depend on every setting except `METHOD_ONLY`; a sibling run made with the same other settings links them
-instead of recomputing them (`link_shared`, as `dadpo bench` and method variants do).
+A run's shared artefacts (`SHARED`: teacher answers, dSFT model, student answers, scores, held-out NLLs)
+are content-addressed (`artefact_keys`): a sibling run holding one under the same key lends it as a link
+instead of it being made again (`link_shared`, as `dadpo bench` and method variants do).
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from dadpo.errors import DadpoError
 from dadpo.io import atomic_write_json, check_removable, read_json_object
 from dadpo.recover.config import RecoverConfig
+from dadpo.reuse import content_key
 
 log = logging.getLogger(__name__)
 
@@ -51,44 +50,59 @@ def claim_run(out: Path, manifest: dict, overwrite: bool) -> None:
     atomic_write_json(path, manifest)
 
 
-#: artefacts that do not depend on the last stage's method, β, lr, epochs or KD weighting
+#: the artefacts a run may take from a sibling with the same key (`artefact_keys`)
 SHARED = ("teacher.jsonl", "start_nll.json", "dsft", "dsft_nll.json", "student.jsonl", "scores.pt")
 
-
-METHOD_ONLY = ("method", "beta1", "beta2", "margin", "lr", "epochs", "kd", "activation_checkpointing",
-                "save_steps", "logging_steps", "report_to")
-
-
-def shared_key(manifest: dict) -> dict:
-    return {**manifest, "config": {k: v for k, v in manifest["config"].items() if k not in METHOD_ONLY}}
+#: settings only the last stage (or logging) reads: in no shared artefact's key, except that method and
+#: kd.weight decide what the scores must hold. Every other setting is read by some artefact below;
+#: tests/test_reuse.py fails on a setting placed in neither.
+FINAL_ONLY = ("method", "beta1", "beta2", "margin", "lr", "epochs", "kd.kind", "kd.weight", "kd.jsd_beta",
+              "activation_checkpointing", "save_steps", "logging_steps", "report_to")
 
 
-def link_shared(out: Path, reuse: list[Path], manifest: dict, cfg: RecoverConfig) -> None:
-    """Symlink method-independent artefacts from sibling runs made with the same shared settings."""
-    key = shared_key(manifest)
+def artefact_keys(manifest: dict) -> dict[str, str]:
+    """The content key of each shared artefact of the run `manifest` (recover.json) describes: a hash of the
+    model stamps, prompts and artefacts it is made from and of exactly the settings its step reads."""
+    c = manifest["config"]
+    cfg = RecoverConfig.model_validate(c)
+    split = {k: c[k] for k in ("skip_prompts", "eval_prompts", "train_prompts")}
+    sampling = {k: v for k, v in c["sampling"].items() if k != "student_from"}
+    tokens = {k: c[k] for k in ("max_prompt_len", "max_response_len", "batch_size", "bf16")}  # every forward
+    teacher = content_key({"teacher": manifest["teacher"], "prompts": manifest["prompts"], **split,
+                           "sampling": sampling, "seed": c["seed"]})
+    dsft = content_key({"student": manifest["student"], "teacher.jsonl": teacher, **tokens, "dsft": c["dsft"],
+                        "lora": c["lora"], "grad_accum": c["grad_accum"], "warmup_ratio": c["warmup_ratio"],
+                        "seed": c["seed"]})
+    rejected_by = {"dsft": dsft} if c["sampling"]["student_from"] == "dsft" else {"student": manifest["student"]}
+    student = content_key({**rejected_by, "prompts": manifest["prompts"], **split, "sampling": sampling,
+                           "seed": c["seed"]})
+    scores = content_key({"dsft": dsft, "teacher": manifest["teacher"], "teacher.jsonl": teacher, **tokens,
+                          "student.jsonl": student if cfg.needs_pairs else None,
+                          "top_k": c["kd"]["top_k"] if cfg.needs_topk else None})
+    return {"teacher.jsonl": teacher, "dsft": dsft, "student.jsonl": student, "scores.pt": scores,
+            "start_nll.json": content_key({"student": manifest["student"], "teacher.jsonl": teacher, **tokens}),
+            "dsft_nll.json": content_key({"dsft": dsft, "teacher.jsonl": teacher, **tokens})}
+
+
+def link_shared(out: Path, reuse: list[Path], manifest: dict) -> None:
+    """Symlink each shared artefact that a sibling run holds under the same key (and has finished)."""
+    ours = artefact_keys(manifest)
     for other in reuse:
-        path = other / "recover.json"
-        if other.resolve() == out.resolve() or not path.is_file():
+        theirs = read_json_object(other / "recover.json")
+        if other.resolve() == out.resolve() or theirs is None:
             continue
-        if shared_key(json.loads(path.read_text())) != key:
+        try:
+            keys = artefact_keys(theirs)
+        except (KeyError, TypeError, ValueError):  # a run of an older dadpo: nothing to share
             continue
         for name in SHARED:
             src, dst = other / name, out / name
-            if dst.exists() or dst.is_symlink() or not src.exists():
+            if keys[name] != ours[name] or dst.exists() or dst.is_symlink() or not src.exists():
                 continue
             if name == "dsft" and not (src / "model" / "config.json").is_file():
                 continue
-            if name == "scores.pt" and not scores_fit(torch.load(src, weights_only=True), cfg):
-                continue
             os.symlink(src.resolve(), dst)
             log.info("reusing %s from %s", name, other)
-
-
-def scores_fit(scores: dict, cfg: RecoverConfig) -> bool:
-    """Cached scores serve `cfg` if they hold rejected log-probs (pairs) and top-k (KD) where it needs them."""
-    first = next(iter(scores.values()), {})
-    return ((not cfg.needs_pairs or "ref_rejected_logps" in first)
-            and (not cfg.needs_topk or first.get("topk_ids", torch.empty(0, 0)).shape[-1] == cfg.kd.top_k))
 
 
 def cached_json(path: Path, make) -> dict:

@@ -47,21 +47,22 @@ log = logging.getLogger(__name__)
 
 def run_recover(student: str, teacher: str, prompts: str, out_dir: str | os.PathLike,
                 config: RecoverConfig | dict | None = None, overwrite: bool = False,
-                reuse: Sequence[str | os.PathLike] = ()) -> dict:
+                reuse: Sequence[str | os.PathLike] = (), data_dir: str | None = None) -> dict:
     """Recover `student` from `teacher` on `prompts` into `out_dir`; returns the metrics dict.
 
     `reuse`: other recover output dirs (e.g. the same recipe with another method); their method-independent
     artefacts (teacher/student responses, dSFT model, scores) are linked in when made with the same settings.
+    `data_dir`: the local data folder a prompt-set alias resolves under (default $DADPO_DATA_DIR, else the hub).
     """
     cfg = config if isinstance(config, RecoverConfig) else RecoverConfig.parse(config or {})
     out = Path(out_dir)
-    train_recs, eval_recs = split_prompts(load_prompts(prompts), cfg, prompts)
+    train_recs, eval_recs = split_prompts(load_prompts(prompts, data_dir=data_dir), cfg, prompts)
     tok = check_same_vocab(student, teacher)
     # models by spec and content (`model_stamp`): a folder rewritten in place is another run, not this one
     manifest = {"student": model_stamp(student), "teacher": model_stamp(teacher), "prompts": str(prompts),
                 "config": cfg.model_dump(mode="json")}
     claim_run(out, manifest, overwrite)
-    link_shared(out, [Path(r) for r in reuse], manifest, cfg)
+    link_shared(out, [Path(r) for r in reuse], manifest)
     if (out / "metrics.json").is_file() and (out / "model" / "config.json").is_file():
         log.info("%s is complete; nothing to do", out)
         return json.loads((out / "metrics.json").read_text())
