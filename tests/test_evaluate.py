@@ -307,7 +307,6 @@ def test_run_evaluate_end_to_end_then_rerun_pays_nothing(data_aliases, smollm_di
 
 def test_seed_caches_copies_only_matching_finished_work(tmp_path):
     """A sibling run's answers/metrics/verdicts of the same spec and settings are copied; others are not."""
-
     from dadpo.evaluate.answers import answer_config, model_slug
     from dadpo.evaluate.run import seed_caches
     from dadpo.io import append_jsonl, atomic_write_json
