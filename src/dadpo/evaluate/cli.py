@@ -9,7 +9,7 @@ from pathlib import Path
 from dadpo.decoding import DecodingConfig
 from dadpo.errors import DadpoError
 from dadpo.io import check_out_path, read_yaml
-from dadpo.settings import add_config_flags, default_text, flag_name, validated
+from dadpo.settings import add_config_flags, default_text, field_help, validated
 
 _DESCRIPTION = """\
 Evaluate one or more students against their teacher and write OUT/results.json, OUT/report.md and PNG
@@ -88,9 +88,7 @@ def register(subparsers) -> None:
     z.add_argument("--task-limit", type=int, help=described(EvalConfig, "task_limit"))
     z.add_argument("--ppl", help=described(EvalConfig, "ppl_corpora", prefix="perplexity corpora, comma-separated, "))
     z.add_argument("--seq-lens", help=described(EvalConfig, "seq_lens", ", comma-separated"))
-    z.add_argument(
-        "--data-dir", help="local data folder for tasks and corpora (default $DADPO_DATA_DIR, else the hub)"
-    )
+    z.add_argument("--data-dir", help=field_help(EvalConfig, "data_dir"))
     g = p.add_argument_group("answer decoding (ROUGE-L over seeds: MiniLLM's protocol by default)")
     add_config_flags(g, GenerationSettings, DecodingConfig.model_fields, defaults=False)
     g.add_argument("--seeds", help=described(EvalConfig, "seeds", "; comma-separated"))
@@ -184,31 +182,13 @@ def build_config(args) -> dict:
     return data
 
 
-#: EvalConfig field path → the flag that sets it, where the names differ from `flag_name`'s rule
-_FLAGS = {"ppl_corpora": "--ppl", **{f"generation.{k}": flag_name(k) for k in DecodingConfig.model_fields},
-          **{f"judge.{k}": flag_name(f"judge_{k}") for k in ("base_url", "api_key_env", "concurrency", "retries",
-                                                              "timeout", "sets")}}
-
-
-def _namer(args):
-    """How a validation error names a field: the flag that set it when one was given on this command line,
-    else its path in the --config file."""
-    def name(path: str) -> str:
-        for field in (path, path.rsplit(".", 1)[0]):  # a list item's error: seeds.1 → --seeds
-            flag = _FLAGS.get(field, flag_name(field))
-            if field and getattr(args, flag[2:].replace("-", "_"), None) is not None:
-                return flag
-        return path or "config"
-    return name
-
-
 def cmd_evaluate(args) -> int:
     from dadpo.evaluate.config import TYPED_KEY_ENV, EvalConfig
     from dadpo.evaluate.run import run_evaluate
 
     students = _students(args.students)
     # the key variable typed on this command line may have any name; one from --config may not
-    config = validated(EvalConfig, build_config(args), _namer(args), context={TYPED_KEY_ENV: args.judge_api_key_env})
+    config = validated(EvalConfig, build_config(args), context={TYPED_KEY_ENV: args.judge_api_key_env})
     check_out_path(args.out, "--out", folder=True)
     results = run_evaluate(students, args.teacher, args.out, config)
     for name, sets in results["pairwise"].items():

@@ -21,7 +21,8 @@ class _Section(BaseModel):
 class KDConfig(_Section):
     """Token-level KD term on teacher responses, from the teacher's cached top-k log-probs."""
 
-    kind: Literal["fwd", "rev", "jsd"] = "fwd"
+    kind: Literal["fwd", "rev", "jsd"] = Field(
+        "fwd", description="divergence: fwd = forward KL, rev = reverse KL, jsd = generalized JSD")
     top_k: int = Field(20, ge=1, description="teacher log-probs kept per position (the rest is one tail bucket)")
     weight: float = Field(0.0, ge=0, description="KD weight added to a preference loss; method kd uses 1 if 0")
     jsd_beta: float = Field(0.5, ge=0, le=1, description="β of generalized JSD (0 = forward KL, 1 = reverse)")
@@ -30,11 +31,12 @@ class KDConfig(_Section):
 class LoraConfig(_Section):
     """peft LoRA on the student; merged back into it on save."""
 
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="the modules that get adapters")
 
     @field_validator("target_modules")
     @classmethod
@@ -59,8 +61,8 @@ class SamplingConfig(DecodingConfig):
 class DSFTConfig(_Section):
     """The distilled-SFT stage that turns the student into π_ref."""
 
-    epochs: float = Field(1.0, gt=0)
-    lr: float = Field(5e-5, gt=0)
+    epochs: float = Field(1.0, gt=0, description="epochs of distilled SFT")
+    lr: float = Field(5e-5, gt=0, description="learning rate of distilled SFT")
 
 
 class RecoverConfig(_Section):
@@ -68,17 +70,19 @@ class RecoverConfig(_Section):
     dsft (stop after dSFT), kd (token KD), dpo (dDPO, β1 only), dadpo (β1·Δ_ref + β2·Δ_te). Every last
     stage starts from the dSFT model (π_ref), as in Zephyr's dDPO and the daDPO paper."""
 
-    method: Literal["dsft", "kd", "dpo", "dadpo"] = "dadpo"
+    method: Literal["dsft", "kd", "dpo", "dadpo"] = Field(
+        "dadpo", description="the last stage: dsft = stop after distilled SFT; kd = token KD; dpo = dDPO; "
+        "dadpo = distribution-aware DPO")
     beta1: float = Field(0.1, description="β1: weight of the KL to π_ref (the DPO β)")
     beta2: float = Field(0.1, description="β2: weight of the KL to the teacher (daDPO only)")
     margin: Literal["sum", "mean"] = Field(
         "sum", description="log-probs in Δ_ref and Δ_te: sum = each response's sequence log-prob (the paper's); "
         "mean = per-token averages (DPKD, DistiLLM-2), which puts both margins on a ~1-nat scale")
     kd: KDConfig = Field(default_factory=KDConfig)
-    lr: float = Field(5e-6, gt=0)
-    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(5e-6, gt=0, description="learning rate of the last stage")
+    epochs: float = Field(1.0, gt=0, description="epochs of the last stage")
     batch_size: int = Field(4, ge=1, description="pairs (or sequences for dSFT/KD) per device step")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
     max_prompt_len: int = Field(256, ge=1, description="prompt tokens kept (cut from the left)")
     max_response_len: int = Field(256, ge=1, description="response tokens kept (cut from the right)")
     lora: LoraConfig | None = Field(None, description="LoRA settings; null = full fine-tuning")
@@ -86,8 +90,8 @@ class RecoverConfig(_Section):
     activation_checkpointing: Literal["none", "selective", "full"] = Field(
         "none", description="recompute activations in backward: selective = only cheap elementwise ops "
         "(norms, RoPE, SiLU), keeping matmul/attention outputs; full = whole decoder layers")
-    seed: int = 0
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    seed: int = Field(0, description="seed for sampling, data order and initialisation")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="linear warmup, as a fraction of the steps")
     save_steps: int = Field(50, ge=1, description="Trainer checkpoint every N optimizer steps (resume point)")
     logging_steps: int = Field(1, ge=1, description="Trainer log (loss, margins, accuracies) every N optimizer steps")
     report_to: Literal["none", "tensorboard", "wandb"] = Field(
