@@ -28,8 +28,8 @@ EXPECTED = {
     "dsft": DSFT,
     "dsft_nll.json": DSFT,
     "student.jsonl": STUDENT,
-    # scores also depend on what the method needs scored: rejected log-probs (pairs), teacher top-k (KD)
-    "scores.pt": STUDENT | {"method", "kd.weight", "kd.top_k"},
+    # what the scores hold (rejected log-probs, top-k of which k) is checked on the file (`scores_fit`)
+    "scores.pt": DSFT,
 }
 
 
@@ -83,29 +83,39 @@ FIELDS = ["student", "teacher", "prompts", *leaves(RecoverConfig)]
 
 @pytest.mark.parametrize("path", FIELDS)
 def test_a_shared_artefact_key_changes_exactly_when_something_it_is_made_from_changes(path):
-    # kd.weight > 0 makes a dadpo run need teacher top-k, so kd.top_k is read only then
-    bases = [manifest(), manifest(kd={"weight": 0.5})]
+    bases = [manifest(), manifest(kd={"weight": 0.5}), manifest(sampling={"student_from": "student"})]
     got = set().union(*(keys_changed_by(path, b) for b in bases))
     assert got == {name for name, inputs in EXPECTED.items() if path in inputs}, path
 
 
-def test_final_only_lists_exactly_the_settings_only_the_last_stage_reads():
-    """Those no shared step reads, and method and kd.weight, which reach the scores only through what the
-    method needs scored; a new setting in neither list fails the test above until it is placed."""
+def test_final_only_lists_exactly_the_settings_in_no_key():
+    """A new setting in neither FINAL_ONLY nor a key fails the test above until it is placed."""
     read = set().union(*EXPECTED.values())
-    assert set(FINAL_ONLY) == {f for f in FIELDS if f not in read} | {"method", "kd.weight"}
+    assert set(FINAL_ONLY) == {f for f in FIELDS if f not in read}
 
 
-def test_methods_share_scores_when_they_need_the_same_scoring():
-    key = {m: artefact_keys(manifest(method=m))["scores.pt"] for m in ("dsft", "kd", "dpo", "dadpo")}
-    assert key["dpo"] == key["dadpo"] != key["kd"]
-    dsft = {m: artefact_keys(manifest(method=m))["dsft"] for m in ("dsft", "kd", "dpo", "dadpo")}
-    assert len(set(dsft.values())) == 1
+def test_scores_serve_a_run_when_they_hold_what_its_method_needs():
+    import torch
+
+    from dadpo.recover.artefacts import scores_fit
+
+    def config(**kw):
+        return RecoverConfig.model_validate(kw)
+
+    both = {"1": {"ref_rejected_logps": torch.zeros(1), "topk_ids": torch.zeros(3, 4)}}
+    pairs_only = {"1": {"ref_rejected_logps": torch.zeros(1)}}
+    assert scores_fit(both, config(method="kd", kd={"top_k": 4})) and scores_fit(both, config(method="dpo"))
+    assert not scores_fit(both, config(method="kd", kd={"top_k": 8}))
+    assert not scores_fit(pairs_only, config(method="dadpo", kd={"weight": 0.5, "top_k": 4}))
+    assert scores_fit(pairs_only, config(method="dsft")) and not scores_fit({"1": {}}, config(method="dpo"))
+    keys = {m: artefact_keys(manifest(method=m)) for m in ("dsft", "kd", "dpo", "dadpo")}
+    assert len({k["dsft"] for k in keys.values()}) == len({k["scores.pt"] for k in keys.values()}) == 1
 
 
 def test_student_answers_follow_the_model_that_samples_them():
     raw = manifest(sampling={"student_from": "student"})
     assert keys_changed_by("dsft.lr", raw) == {"dsft", "dsft_nll.json", "scores.pt"}  # not student.jsonl
+    assert keys_changed_by("dsft.lr", manifest()) == {"dsft", "dsft_nll.json", "scores.pt", "student.jsonl"}
 
 
 def test_answer_key_is_the_model_stamp_and_the_decoding_settings():

@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from dadpo.errors import DadpoError
 from dadpo.io import atomic_write_json, check_removable, read_json_object
 from dadpo.recover.config import RecoverConfig
@@ -53,18 +55,18 @@ def claim_run(out: Path, manifest: dict, overwrite: bool) -> None:
 #: the artefacts a run may take from a sibling with the same key (`artefact_keys`)
 SHARED = ("teacher.jsonl", "start_nll.json", "dsft", "dsft_nll.json", "student.jsonl", "scores.pt")
 
-#: settings only the last stage (or logging) reads: in no shared artefact's key, except that method and
-#: kd.weight decide what the scores must hold. Every other setting is read by some artefact below;
+#: settings in no shared artefact's key: the last stage's own, logging, and what the method needs scored
+#: (method, kd.weight, kd.top_k), which `scores_fit` checks on the scores themselves, so scores that hold
+#: more (rejected log-probs and top-k) serve a run that needs less. Every other setting is in some key;
 #: tests/test_reuse.py fails on a setting placed in neither.
-FINAL_ONLY = ("method", "beta1", "beta2", "margin", "lr", "epochs", "kd.kind", "kd.weight", "kd.jsd_beta",
-              "activation_checkpointing", "save_steps", "logging_steps", "report_to")
+FINAL_ONLY = ("method", "beta1", "beta2", "margin", "lr", "epochs", "kd.kind", "kd.weight", "kd.top_k",
+              "kd.jsd_beta", "activation_checkpointing", "save_steps", "logging_steps", "report_to")
 
 
 def artefact_keys(manifest: dict) -> dict[str, str]:
     """The content key of each shared artefact of the run `manifest` (recover.json) describes: a hash of the
     model stamps, prompts and artefacts it is made from and of exactly the settings its step reads."""
     c = manifest["config"]
-    cfg = RecoverConfig.model_validate(c)
     split = {k: c[k] for k in ("skip_prompts", "eval_prompts", "train_prompts")}
     sampling = {k: v for k, v in c["sampling"].items() if k != "student_from"}
     tokens = {k: c[k] for k in ("max_prompt_len", "max_response_len", "batch_size", "bf16")}  # every forward
@@ -76,16 +78,16 @@ def artefact_keys(manifest: dict) -> dict[str, str]:
     rejected_by = {"dsft": dsft} if c["sampling"]["student_from"] == "dsft" else {"student": manifest["student"]}
     student = content_key({**rejected_by, "prompts": manifest["prompts"], **split, "sampling": sampling,
                            "seed": c["seed"]})
-    scores = content_key({"dsft": dsft, "teacher": manifest["teacher"], "teacher.jsonl": teacher, **tokens,
-                          "student.jsonl": student if cfg.needs_pairs else None,
-                          "top_k": c["kd"]["top_k"] if cfg.needs_topk else None})
+    scores = content_key({"dsft": dsft, "teacher": manifest["teacher"], "teacher.jsonl": teacher, **tokens})
     return {"teacher.jsonl": teacher, "dsft": dsft, "student.jsonl": student, "scores.pt": scores,
             "start_nll.json": content_key({"student": manifest["student"], "teacher.jsonl": teacher, **tokens}),
             "dsft_nll.json": content_key({"dsft": dsft, "teacher.jsonl": teacher, **tokens})}
 
 
-def link_shared(out: Path, reuse: list[Path], manifest: dict) -> None:
-    """Symlink each shared artefact that a sibling run holds under the same key (and has finished)."""
+def link_shared(out: Path, reuse: list[Path], manifest: dict, cfg: RecoverConfig) -> None:
+    """Symlink each shared artefact that a sibling run holds under the same key (and has finished). Scores
+    are taken when they hold what `cfg` needs: the rejected log-probs of the same student answers (pairs)
+    and teacher top-k of the same k (KD)."""
     ours = artefact_keys(manifest)
     for other in reuse:
         theirs = read_json_object(other / "recover.json")
@@ -101,8 +103,19 @@ def link_shared(out: Path, reuse: list[Path], manifest: dict) -> None:
                 continue
             if name == "dsft" and not (src / "model" / "config.json").is_file():
                 continue
+            if name == "scores.pt" and not (
+                    scores_fit(torch.load(src, weights_only=True), cfg)
+                    and (not cfg.needs_pairs or keys["student.jsonl"] == ours["student.jsonl"])):
+                continue
             os.symlink(src.resolve(), dst)
             log.info("reusing %s from %s", name, other)
+
+
+def scores_fit(scores: dict, cfg: RecoverConfig) -> bool:
+    """Cached scores serve `cfg` if they hold rejected log-probs (pairs) and top-k (KD) where it needs them."""
+    first = next(iter(scores.values()), {})
+    return ((not cfg.needs_pairs or "ref_rejected_logps" in first)
+            and (not cfg.needs_topk or first.get("topk_ids", torch.empty(0, 0)).shape[-1] == cfg.kd.top_k))
 
 
 def cached_json(path: Path, make) -> dict:

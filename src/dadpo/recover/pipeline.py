@@ -62,7 +62,7 @@ def run_recover(student: str, teacher: str, prompts: str, out_dir: str | os.Path
     manifest = {"student": model_stamp(student), "teacher": model_stamp(teacher), "prompts": str(prompts),
                 "config": cfg.model_dump(mode="json")}
     claim_run(out, manifest, overwrite)
-    link_shared(out, [Path(r) for r in reuse], manifest)
+    link_shared(out, [Path(r) for r in reuse], manifest, cfg)
     if (out / "metrics.json").is_file() and (out / "model" / "config.json").is_file():
         log.info("%s is complete; nothing to do", out)
         return json.loads((out / "metrics.json").read_text())
