@@ -60,3 +60,45 @@ def test_generate_vicuna_prompts_to_jsonl(tmp_path, data_dir):
     assert [row["id"] for row in rows] == ["1", "2", "3"]
     assert all(row["response"] and row["model"].startswith("smollm2-135m-instruct@sha256:") for row in rows)
     assert "wrote 3 answers" in r.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_generate_with_two_processes_writes_what_one_process_writes(tmp_path, smollm_dir):
+    """torchrun starts two processes (each says so), each answers its share, the first writes the file: the
+    rows equal one process's, sampled or greedy; a run killed with two processes' part files left resumes."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": str(i), "prompt": f"Name a fruit, then the number {i}."}) + "\n"
+                               for i in range(9)))
+    common = ["generate", "--model", str(smollm_dir), "--prompts", str(prompts), "--max-new-tokens", "8",
+              "--batch-size", "2"]
+
+    def torchrun(*args):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "dadpo",
+                               *args], capture_output=True, text=True, timeout=600)
+
+    for decoding in (["--temperature", "1", "--top-p", "0.9", "--seed", "5"], []):
+        one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+        r = dadpo(*common, *decoding, "--out", str(one), "--overwrite")
+        assert r.returncode == 0, r.stderr
+        r = torchrun(*common, *decoding, "--out", str(two), "--overwrite")
+        assert r.returncode == 0, r.stderr
+        assert "rank 0 of 2" in r.stderr and "rank 1 of 2" in r.stderr  # really two processes
+        assert r.stdout.count("wrote 9 answers") == 1  # reported once, by the first process
+        assert two.read_text() == one.read_text()
+        assert sorted(p.name for p in tmp_path.glob("two.jsonl*")) == ["two.jsonl"]
+    # a two-process run killed after rank 1 answered three prompts: the rerun keeps them and completes
+    rows = one.read_text().splitlines(keepends=True)
+    resumed = tmp_path / "resumed.jsonl"
+    (tmp_path / "resumed.jsonl.part.1").write_text("".join(rows[1:7:2]))
+    r = torchrun(*common, "--out", str(resumed))
+    assert r.returncode == 0, r.stderr
+    assert resumed.read_text() == one.read_text() and not list(tmp_path.glob("resumed.jsonl.part*"))

@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="answer a prompt set with a model (batched, resumable JSONL)",
                        description="Answer every prompt of a prompt set with a chat model. Output rows are "
                        "appended per batch to OUT.part and renamed to OUT at the end; rerunning the same "
-                       "command after an interruption resumes where it stopped.")
+                       "command after an interruption resumes where it stopped. Under `torchrun "
+                       "--nproc_per_node N -m dadpo generate …` (or accelerate launch) each process answers "
+                       "every N-th prompt into OUT.part.<rank> and the first writes OUT: the same file as one "
+                       "process writes, since an answer depends only on the seed, the prompt id and the "
+                       "settings.")
     add_model_args(g, DEFAULT_MODEL)
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", help="prompt set: file, directory, alias (dolly, vicuna_bench, mt_bench, "
@@ -73,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args) -> int:
     from dadpo.data import PromptRecord, load_prompts
     from dadpo.decoding import GenerationConfig
+    from dadpo.distributed import init_from_env, rank_and_world
     from dadpo.generation import check_answers_out, generate_to_file
     from dadpo.io import check_out_path
     from dadpo.models import load_model, model_stamp, resolve_model
@@ -90,17 +95,24 @@ def cmd_generate(args) -> int:
     else:
         records = [PromptRecord(str(i), [{"role": "user", "content": p}]) for i, p in enumerate(args.prompt)]
     resolve_model(args.model)  # fail on a bad spec before any heavy work
+    init_from_env()  # under torchrun / accelerate launch: each process answers its share of --prompts
+    rank, world = rank_and_world()
+    if world > 1:
+        logging.getLogger("dadpo").info("rank %d of %d: answering its share of %d prompts", rank, world,
+                                        len(records))
     model, tok = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     if args.prompt:
         from dadpo.generation import answer_records
 
-        for row in answer_records(model, tok, records, cfg):
+        rows = answer_records(model, tok, records, cfg)
+        for row in rows if rank == 0 else []:
             print(row["response"] + "\n")
         return 0
     rows = generate_to_file(model, tok, records, cfg, args.out, model_name=model_stamp(args.model),
                             overwrite=args.overwrite)
     n_tok = sum(r["new_tokens"] for r in rows)
-    print(f"wrote {len(rows)} answers ({n_tok} new tokens) to {args.out}")
+    if rank == 0:
+        print(f"wrote {len(rows)} answers ({n_tok} new tokens) to {args.out}")
     return 0
 
 

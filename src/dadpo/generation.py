@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from collections import deque
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from dadpo.data import PromptRecord, chat_prompt
 from dadpo.decoding import GenerationConfig
+from dadpo.distributed import barrier, is_main, rank_and_world, shard
 from dadpo.engine import Engine, Request, request_seed, resolve_precision, unsupported
 from dadpo.errors import DadpoError
 from dadpo.io import append_jsonl, atomic_write_text, read_jsonl, truncate_torn_tail
@@ -179,25 +181,31 @@ def generate_to_file(model, tok, records: list[PromptRecord], cfg: GenerationCon
                      progress: bool = True) -> list[dict]:
     """Answer `records` into JSONL `out`, resuming from what an earlier run of the same settings wrote.
     A file of other settings is an error, or with `replace_stale` (answers kept only as a cache) redone.
-    `overwrite` and `replace_stale` delete only answer files dadpo wrote (every row carries its stamp)."""
+    `overwrite` and `replace_stale` delete only answer files dadpo wrote (every row carries its stamp).
+
+    In a process group (`dadpo.distributed`) every rank answers its share of the prompts into its own part
+    file, `OUT.part.<rank>`; the main process then writes `OUT` in prompt order. Answers depend only on the
+    seed, the prompt id and the settings, so any number of processes gives the same file, and a run killed
+    with one number of processes resumes with another."""
     out = Path(out)
-    part = out.with_name(out.name + ".part")
+    rank, world = rank_and_world()
+    part = out.with_name(out.name + (f".part.{rank}" if world > 1 else ".part"))
     cfg = resolved(cfg, model)
     stamp = {"model": model_name, "generation": cfg.model_dump()}
     if overwrite:
-        _discard_answers(out, part)
+        _discard_on_main(out)
     try:
         done = _existing_rows(out, part, stamp)
     except DadpoError:  # written with other settings
         if not replace_stale:
             raise
         log.warning("%s was written with other settings: answering again", out)
-        _discard_answers(out, part)
+        _discard_on_main(out)
         done = {}
-    todo = [r for r in records if r.id not in done]
+    todo = [r for r in shard(records, rank, world) if r.id not in done]
     if todo:
         if not part.exists():
-            if out.exists():
+            if out.exists() and world == 1:
                 shutil.copyfile(out, part)
             else:
                 part.parent.mkdir(parents=True, exist_ok=True)
@@ -205,18 +213,37 @@ def generate_to_file(model, tok, records: list[PromptRecord], cfg: GenerationCon
         # longest prompts first: rows of similar length decode together, and OOM shows up early
         todo.sort(key=lambda r: -sum(len(m["content"]) for m in r.messages))
         bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"generate {out.name}",
-                   unit="prompt", disable=not progress)
+                   unit="prompt", disable=not progress or rank > 0)
         for row in iter_answers(model, tok, todo, cfg):
             row = {**row, **stamp}
             append_jsonl(part, [row])  # one fsync'd line per finished prompt: a kill loses nothing done
             done[row["id"]] = row
             bar.update(1)
         bar.close()
-    rows = [done[r.id] for r in records]
-    if part.exists():  # finished: the final file holds the rows in prompt order
+    barrier()
+    if is_main() and _part_files(out):  # finished: the final file holds the rows in prompt order
+        done = _existing_rows(out, None, stamp)
+        rows = [done[r.id] for r in records]
         atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        part.unlink()
-    return rows
+        for path in _part_files(out):
+            path.unlink()
+    barrier()
+    if world > 1:  # every rank returns every answer
+        done = {row["id"]: row for row in read_jsonl(out)}
+    return [done[r.id] for r in records]
+
+
+def _discard_on_main(out: Path) -> None:
+    barrier()  # nobody is still reading the files
+    if is_main():
+        _discard_answers(out)
+    barrier()
+
+
+def _part_files(out: Path) -> list[Path]:
+    """`out`'s part files: OUT.part (one process) and OUT.part.<rank> (one per process of a group)."""
+    name = re.compile(re.escape(out.name) + r"\.part(\.\d+)?")
+    return sorted(p for p in out.parent.iterdir() if name.fullmatch(p.name)) if out.parent.is_dir() else []
 
 
 STAMP_KEYS = ("id", "model", "generation")
@@ -232,17 +259,17 @@ def check_answers_out(out: str | os.PathLike) -> None:
     """Refuse an `out` (or its part file) that holds something other than answers dadpo wrote: it is never
     resumed from, overwritten or deleted. Cheap, so commands call it before loading a model."""
     out = Path(out)
-    for path in (out, out.with_name(out.name + ".part")):
+    for path in (out, *_part_files(out)):
         if path.exists() and not _is_answer_file(path):
             raise DadpoError(f"--out {out}: {path} exists and is not an answer file written by dadpo; "
                              "dadpo neither resumes from nor replaces it")
 
 
-def _discard_answers(out: Path, part: Path) -> None:
-    """Delete `out` and its part file, once proven to be answer files dadpo wrote."""
+def _discard_answers(out: Path) -> None:
+    """Delete `out` and its part files, once proven to be answer files dadpo wrote."""
     check_answers_out(out)
-    out.unlink(missing_ok=True)
-    part.unlink(missing_ok=True)
+    for path in (out, *_part_files(out)):
+        path.unlink(missing_ok=True)
 
 
 def _is_answer_file(path: Path) -> bool:
@@ -253,10 +280,11 @@ def _is_answer_file(path: Path) -> bool:
     return all(isinstance(r, dict) and all(k in r for k in STAMP_KEYS) for r in rows)
 
 
-def _existing_rows(out: Path, part: Path, stamp: dict) -> dict[str, dict]:
+def _existing_rows(out: Path, part: Path | None, stamp: dict) -> dict[str, dict]:
+    """The answers in `out` and all its part files; a torn last line of this process's `part` is cut."""
     check_answers_out(out)
     rows: dict[str, dict] = {}
-    for path in (out, part):
+    for path in (out, *_part_files(out)):
         if not path.exists():
             continue
         if path == part:
