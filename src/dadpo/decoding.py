@@ -10,8 +10,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PRECISIONS = ("auto", "model", "bfloat16")
-
 MaxNewTokens = Annotated[int, Field(ge=1, description="tokens per answer at most")]
 Temperature = Annotated[float, Field(ge=0, allow_inf_nan=False, description="0 = greedy, > 0 samples")]
 TopP = Annotated[float, Field(gt=0, le=1, description="nucleus sampling mass")]

@@ -222,7 +222,8 @@ def generate_to_file(model, tok, records: list[PromptRecord], cfg: GenerationCon
         bar.close()
     barrier()
     if is_main() and _part_files(out):  # finished: the final file holds the rows in prompt order
-        done = _existing_rows(out, None, stamp)
+        if world > 1:  # the other ranks' answers are in their part files
+            done = _existing_rows(out, None, stamp)
         rows = [done[r.id] for r in records]
         atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         for path in _part_files(out):
