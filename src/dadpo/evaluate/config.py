@@ -115,6 +115,8 @@ class EvalConfig(BaseModel):
     ppl_corpora: list[str] = Field(default_factory=list, description=f"of {', '.join(CORPORA)} or text files")
     seq_lens: list[int] = Field(default_factory=lambda: [128], description="perplexity window lengths")
     ppl_max_windows: int | None = Field(None, ge=1, description="perplexity on the first N windows (None = all)")
+    ppl_window_stride: int = Field(1, ge=1, description="score every k-th window of the whole text (1 = every "
+                                   "window; k > 1 = a k-times cheaper proxy that samples all of the text)")
     seeds: list[int] = Field(
         default_factory=lambda: [10, 20, 30],
         description="sampling seeds: sets with references are answered once per seed and ROUGE-L is averaged "

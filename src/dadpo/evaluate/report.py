@@ -131,10 +131,15 @@ def render_markdown(results: dict) -> str:
             "| model | corpus | seq_len | windows | PPL [95% CI] |",
             "|---|---|---|---|---|",
         ]
-        lines += [f"| {n} | {r['corpus']} | {r['seq_len']} | {r['windows']} | {_ppl(r)} |" for n, r in ppl]
+        lines += [f"| {n} | {r['corpus']} | {r['seq_len']} | {_windows(r)} | {_ppl(r)} |" for n, r in ppl]
         lines.append("")
     lines += [f"Plots: {', '.join(f'`{p}`' for p in results.get('plots', []))}", ""]
     return "\n".join(lines)
+
+
+def _windows(r: dict) -> str:
+    stride = r.get("window_stride", 1)
+    return f"{r['windows']} (every {stride}th)" if stride > 1 else str(r["windows"])
 
 
 def _ppl(r: dict) -> str:

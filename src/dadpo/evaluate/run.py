@@ -52,7 +52,9 @@ def model_metrics(
     key of the settings and the model's weights (`model_stamp`)."""
     key = content_key({"model": model_stamp(spec), "tasks": config.tasks, "task_limit": config.task_limit,
                        "ppl_corpora": config.ppl_corpora, "seq_lens": config.seq_lens,
-                       "ppl_max_windows": config.ppl_max_windows, "data_dir": _data_dir(config)})
+                       "ppl_max_windows": config.ppl_max_windows, "data_dir": _data_dir(config),
+                       # only when set, so the metrics cached before the option existed stay valid
+                       **({"ppl_window_stride": config.ppl_window_stride} if config.ppl_window_stride > 1 else {})})
     path = Path(out_dir) / "metrics" / f"{model_slug(name, spec)}.json"
     if path.is_file():
         cached = json.loads(path.read_text())
@@ -76,7 +78,7 @@ def model_metrics(
         text = load_corpus(corpus, _data_dir(config))
         for seq_len in config.seq_lens:
             ppl = perplexity(model, tok, text, seq_len=seq_len, max_windows=config.ppl_max_windows,
-                             progress=progress)
+                             window_stride=config.ppl_window_stride, progress=progress)
             rows.append({"corpus": corpus, **ppl})
     if rows:
         metrics["perplexity"] = rows
