@@ -277,6 +277,7 @@ def test_run_evaluate_end_to_end_then_rerun_pays_nothing(data_aliases, smollm_di
             "judge": {"kind": "local", "model": "smollm2-135m-instruct", "batch_size": 4},
             "ppl_corpora": [str(corpus)],
             "seq_lens": [64],
+            "ppl_window_stride": 2,
             "bootstrap": 200,
         }
     )
@@ -286,7 +287,8 @@ def test_run_evaluate_end_to_end_then_rerun_pays_nothing(data_aliases, smollm_di
     # the student is the teacher: identical greedy answers, so a consistent judge can only say tie
     assert vic["n"] + vic["invalid"] == 2 and vic["loss"]["value"] == vic["win"]["value"] == 0
     assert vic["preference"]["value"] == 0
-    assert res["teacher"]["params"] > 1e8 and res["teacher"]["perplexity"][0]["seq_len"] == 64
+    ppl = res["teacher"]["perplexity"][0]
+    assert res["teacher"]["params"] > 1e8 and ppl["seq_len"] == 64 and ppl["window_stride"] == 2
     assert "dolly" in res["teacher"]["rouge"]
     # no zero-shot tasks: size vs quality plots the adjusted win rate, unless the judge failed its validity check
     judged = res["pairwise"]["same"]["vicuna_bench"]["validity"]["valid"] is not False
@@ -296,6 +298,7 @@ def test_run_evaluate_end_to_end_then_rerun_pays_nothing(data_aliases, smollm_di
     assert json.loads((out / "results.json").read_text())["judge"] == "local:smollm2-135m-instruct"
     report = (out / "report.md").read_text()
     assert "preference" in report and "flip" in report and "ROUGE-L" in report
+    assert f"| {ppl['windows']} (1 in 2) |" in report
     verdicts = (out / "verdicts.jsonl").read_text()
     assert len(verdicts.splitlines()) == 4  # identical answers in both orders: 2 distinct prompts per set
     # rerun: answers, metrics and verdicts all come from the cache

@@ -139,7 +139,7 @@ def render_markdown(results: dict) -> str:
 
 def _windows(r: dict) -> str:
     stride = r.get("window_stride", 1)
-    return f"{r['windows']} (every {stride}th)" if stride > 1 else str(r["windows"])
+    return f"{r['windows']} (1 in {stride})" if stride > 1 else str(r["windows"])
 
 
 def _ppl(r: dict) -> str:
