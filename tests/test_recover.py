@@ -170,6 +170,36 @@ def test_few_dpo_steps_raise_the_margin_on_real_smollm(smollm_dir, tmp_path):
     assert logs[-1]["loss"] < logs[0]["loss"]
 
 
+@pytest.mark.parametrize("stage", ["dsft", "dpo"])
+def test_accumulated_micro_batches_train_like_one_batch(tiny, tmp_path, stage):
+    """One optimizer step over 4 examples of unequal lengths: as one batch of 4, as 2 × 2 accumulated, as
+    4 × 1: the same loss and gradient norm (dSFT: the mean over all response tokens; dDPO: over all pairs),
+    and the same weights after the step."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dadpo.recover.training import build_trainer
+
+    tok = AutoTokenizer.from_pretrained(tiny["student"])
+    answers = ["Yes.", "A much longer answer that goes on for a while.", "Seven", "Blue, like the sky at noon."]
+    exs = [encode_example(tok, str(i), [{"role": "user", "content": f"Question {i}?"}], a,
+                          answers[(i + 1) % 4] if stage == "dpo" else None, 32, 16) for i, a in enumerate(answers)]
+    for i, ex in enumerate(exs):
+        ex.update(ref_chosen_logps=-20.0 - i, ref_rejected_logps=-25.0 + i, teacher_chosen_logps=-18.0,
+                  teacher_rejected_logps=-30.0)
+    runs = []
+    for bs, ga in [(4, 1), (2, 2), (1, 4)]:
+        model = AutoModelForCausalLM.from_pretrained(tiny["student"])
+        cfg = RecoverConfig.parse({"method": "dpo", "batch_size": bs, "grad_accum": ga, "lr": 1e-3,
+                                   "warmup_ratio": 0.0, "save_steps": 100, "dsft": {"lr": 1e-3}})
+        trainer = build_trainer(model, tok, exs, cfg, stage, tmp_path / f"{bs}x{ga}")
+        trainer.train()
+        log = next(h for h in trainer.state.log_history if "loss" in h)
+        runs.append((log["loss"], log["grad_norm"], torch.cat([p.detach().flatten() for p in model.parameters()])))
+    for loss, norm, weights in runs[1:]:
+        assert loss == pytest.approx(runs[0][0], abs=1e-4) and norm == pytest.approx(runs[0][1], rel=1e-4)
+        assert torch.allclose(weights, runs[0][2], atol=1e-6)
+
+
 # --- the pipeline on tiny models -----------------------------------------------------------------------------
 
 def test_pipeline_end_to_end_lora_with_kd_and_resume_guards(tiny, tmp_path):

@@ -5,6 +5,11 @@ resident. Everything else — accelerate, DDP/FSDP/DeepSpeed, checkpoints, resum
 Trainer's own. Per-step logs add Δ_ref/Δ_te margins, reward accuracy (Δ_ref > 0: the DPO implicit reward β·log πθ/π_ref
 ranks chosen over rejected, as TRL reports it), objective accuracy (β1·Δ_ref + β2·Δ_te > 0, daDPO's own
 implicit reward) and chosen/rejected log-probs.
+
+Every stage's gradient is that of the mean over the global batch (`batch_size` × `grad_accum`, whatever the
+number of processes): token-level losses (dSFT, token KD) divide their token sums by the global token count
+the Trainer passes as `num_items_in_batch`; pair losses take the mean over each micro-batch's pairs, divided
+by the accumulation steps (the Trainer itself does not divide a custom loss: `loss_is_scaled_for_ga`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from dadpo.recover.pairs import pair_logps
 class RecoverTrainer(Trainer):
     """Trainer for one recover stage; `stage` is "dsft" or the config's method."""
 
+    loss_is_scaled_for_ga = True  # `compute_loss` scales for accumulation and processes itself
+
     def __init__(self, *args, recover: RecoverConfig, stage: str, **kwargs):
         super().__init__(*args, **kwargs)
         self.recover, self.stage = recover, stage
@@ -33,8 +40,13 @@ class RecoverTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # the forward bypasses model.forward (decoder + chunked output layer), which is what accelerate wraps
         # in autocast for bf16/fp16, so enter the accelerator's autocast here
+        tokens = num_items_in_batch if self.stage in TOKEN_STAGES else None
         with self.accelerator.autocast():
-            loss, stats = recover_loss(model, inputs, self.recover, self.stage)
+            loss, stats = recover_loss(model, inputs, self.recover, self.stage, tokens)
+        if tokens is not None:  # a share of the global mean; DDP averages the processes' gradients
+            loss = loss * self.accelerator.num_processes
+        else:
+            loss = loss / self.current_gradient_accumulation_steps
         for k, v in stats.items():
             self._stats[k].append(v)
         return (loss, {}) if return_outputs else loss
@@ -46,13 +58,22 @@ class RecoverTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def recover_loss(model, inputs: dict, cfg: RecoverConfig, stage: str) -> tuple[torch.Tensor, dict[str, float]]:
-    """The stage's loss on a collated batch, plus scalar stats to log."""
+#: stages whose loss is a mean over response tokens (the others: over pairs)
+TOKEN_STAGES = ("dsft", "kd")
+
+
+def recover_loss(model, inputs: dict, cfg: RecoverConfig, stage: str, tokens: torch.Tensor | int | None = None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The stage's loss on a collated batch, plus scalar stats to log. `tokens`: for a `TOKEN_STAGES` stage,
+    the response-token count of the whole optimizer step, which the token sum is divided by (default: this
+    batch's own count, i.e. its mean)."""
     out = response_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
     stats: dict[str, float] = {}
     if stage == "dsft":
         loss = sft_loss(out.tokens)
         stats["nll"] = loss.item()
+        if tokens is not None:
+            loss = -out.tokens.sum() / tokens
         return loss, stats
     rows = inputs["input_ids"].shape[0]
     n = rows // 2 if stage in ("dpo", "dadpo") else rows  # pairs: chosen rows first, then rejected
@@ -74,9 +95,12 @@ def recover_loss(model, inputs: dict, cfg: RecoverConfig, stage: str) -> tuple[t
     if cfg.kd.weight > 0 and "topk_logps" in inputs:
         chosen = out.rows < n
         logits = output_logits(model, out.hidden[chosen])
-        kd = token_kd_loss(logits, inputs["topk_logps"], inputs["topk_ids"], cfg.kd.kind, cfg.kd.jsd_beta).mean()
-        loss = loss + cfg.kd.weight * kd
+        per_token = token_kd_loss(logits, inputs["topk_logps"], inputs["topk_ids"], cfg.kd.kind, cfg.kd.jsd_beta)
+        kd = per_token.mean()
         stats["kd"] = kd.item()
+        if stage == "kd" and tokens is not None:  # the batch holds only the chosen (teacher) responses
+            kd = per_token.sum() / tokens
+        loss = loss + cfg.kd.weight * kd
     return loss, stats
 
 
