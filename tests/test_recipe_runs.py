@@ -137,3 +137,104 @@ def test_run_killed_during_recover_resumes_without_redoing_prune_or_generation(t
     assert b["start"]["nll"] == a["start"]["nll"] and b["dsft"]["nll"] == a["dsft"]["nll"]
     for k in ("nll", "margin_ref", "margin_te", "reward_acc", "objective_acc"):
         assert b["final"][k] == pytest.approx(a["final"][k], abs=1e-4), k
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(run: Path) -> dict[str, list[dict]]:
+    """A run's answer files (recover's and evaluate's), by path without the model folders' spec hash, each
+    row without its model stamp (which names the run's own folder)."""
+    import re
+
+    files = [*run.glob("recover/*.jsonl"), *run.glob("evaluate/answers/*/*.jsonl")]
+    return {re.sub(r"-[0-9a-f]{8}/", "/", str(p.relative_to(run))):
+            [{k: v for k, v in json.loads(line).items() if k != "model"} for line in p.read_text().splitlines()]
+            for p in files}
+
+
+def test_recipe_with_two_processes_matches_one_process_and_resumes_after_a_kill(tmp_path, smollm, data_aliases):
+    """`dadpo run` of the demo recipe on a tiny model under torchrun with two CPU processes (gloo) writes what
+    one process writes: the same answers, scores and held-out metrics, training losses within 1e-4 at the same
+    global batch (`recover.batch_size` is per process), one record per stage. SIGKILLed while answering, the
+    same command resumes and ends with the same files. One thread per process in both (torchrun's default):
+    matmuls on another number of threads may differ in the last bit. Recover's answers are greedy here: a
+    student trained by DDP differs from one trained in one process in the last bits (the processes' gradients
+    are summed in another order), and sampling from this random model's nearly flat distribution turns any
+    such difference into other tokens; sampled answers are compared where the weights are the same (the
+    teacher and the prune)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, tok = smollm
+    teacher = tiny(tmp_path / "teacher", tok, "llama", layers=4, hidden=128, mlp=2048)
+    sets = [s for s in SMALL if s != "evaluate=null"] + [
+        f"teacher={teacher}", "recover.train_prompts=48", "recover.eval_prompts=4",
+        "recover.sampling.max_new_tokens=24", "recover.sampling.batch_size=2", "recover.sampling.temperature=0",
+        "recover.lr=1e-3", "evaluate.sets=[dolly]", "evaluate.limit=4", "evaluate.seeds=[1,2]",
+        "evaluate.judge=null", "evaluate.tasks=[]", "evaluate.generation.max_new_tokens=8",
+        "evaluate.ppl_max_windows=2", "evaluate.bootstrap=50"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def cmd(out: Path, processes: int) -> list[str]:
+        launch = [sys.executable] if processes == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+        per_process = [f"recover.batch_size={4 // processes}"]  # the global batch: 4 prompts a step
+        return [*launch, "-m", "dadpo", "run", str(RECIPES / "smollm2-135m-prune20-dadpo.yaml"), "--out", str(out),
+                *[a for s in [*sets, *per_process] for a in ("--set", s)]]
+
+    def run(out: Path, processes: int) -> subprocess.CompletedProcess:
+        r = subprocess.run(cmd(out, processes), env=env, capture_output=True, text=True, timeout=1200)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(one, 1)
+    r = run(two, 2)
+    assert "rank 0 of 2" in r.stderr and "rank 1 of 2" in r.stderr  # really two processes
+    for stage in ("prune", "recover", "evaluate"):  # the runner's records, by one process
+        assert r.stdout.count(f"{stage}: done in") == 1
+        assert json.loads((two / stage / MANIFEST).read_text())["stage"] == stage
+    assert r.stdout.count("summary:") == 1
+    expected, got = _answers(one), _answers(two)
+    assert len(expected) == 2 + 3 * 2 and got.keys() == expected.keys()  # teacher/student; 3 models × 2 seeds
+    trained = [k for k in expected if "answers/dadpo/" in k]  # sampled from a student trained by DDP
+    assert len(trained) == 2 and all(got[k] == expected[k] for k in expected if k not in trained)
+    assert all([x["id"] for x in got[k]] == [x["id"] for x in expected[k]] for k in trained)
+    assert not [p for p in two.rglob("*") if ".part" in p.name or p.name.endswith(".tmp")]
+    a = json.loads((one / "recover" / "metrics.json").read_text())
+    b = json.loads((two / "recover" / "metrics.json").read_text())
+    assert b["start"]["nll"] == pytest.approx(a["start"]["nll"], abs=1e-5)  # batches of 2, not 4: other padding
+    for k in ("nll", "margin_ref", "margin_te", "reward_acc"):
+        assert b["final"][k] == pytest.approx(a["final"][k], abs=1e-4), k
+    sa, sb = (torch.load(x / "recover" / "scores.pt", weights_only=True) for x in (one, two))
+    assert sa.keys() == sb.keys() and all(sb[k] == pytest.approx(sa[k], abs=1e-4) for k in sa)
+    for stage in ("dsft", "train"):  # the same global batch: one process's 4 rows = two processes' 2 + 2
+        la, lb = (json.loads((x / "recover" / stage / "log_history.json").read_text()) for x in (one, two))
+        losses = [(x["loss"], y["loss"]) for x, y in zip(la, lb, strict=True) if "loss" in x]
+        assert len(losses) == 12 and all(x == pytest.approx(y, abs=1e-4) for x, y in losses), (stage, losses)
+
+    # SIGKILL the two-process run while it answers the training prompts, then the same command
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(killed, 2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    parts = killed / "recover"
+    deadline = time.time() + 600
+    while sum(len(p.read_text().splitlines()) for p in parts.glob("teacher.jsonl.part.*")) < 6:
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (parts / "teacher.jsonl").exists()  # killed during generation
+    r = run(killed, 2)
+    assert "prune: up to date" in r.stdout and "recover: resuming" in r.stdout
+    assert _answers(killed) == got  # the trained student too: two processes train the same way every time

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from dadpo.distributed import init_from_env
 from dadpo.errors import DadpoError
 
 
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args) -> int:
     from dadpo.data import PromptRecord, load_prompts
     from dadpo.decoding import GenerationConfig
-    from dadpo.distributed import init_from_env, rank_and_world
+    from dadpo.distributed import rank_and_world
     from dadpo.generation import check_answers_out, generate_to_file
     from dadpo.io import check_out_path
     from dadpo.models import load_model, model_stamp, resolve_model
@@ -95,11 +96,9 @@ def cmd_generate(args) -> int:
     else:
         records = [PromptRecord(str(i), [{"role": "user", "content": p}]) for i, p in enumerate(args.prompt)]
     resolve_model(args.model)  # fail on a bad spec before any heavy work
-    init_from_env()  # under torchrun / accelerate launch: each process answers its share of --prompts
     rank, world = rank_and_world()
     if world > 1:
-        logging.getLogger("dadpo").info("rank %d of %d: answering its share of %d prompts", rank, world,
-                                        len(records))
+        logging.getLogger("dadpo").info("answering %d prompts across %d processes", len(records), world)
     model, tok = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     if args.prompt:
         from dadpo.generation import answer_records
@@ -133,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(args.verbose)
     try:
+        init_from_env()  # under torchrun / accelerate launch: join the process group (each command splits its work)
         return args.func(args) or 0
     except DadpoError as e:
         print(f"dadpo {args.command}: error: {one_line(str(e))}", file=sys.stderr)

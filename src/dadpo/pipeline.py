@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dadpo.distributed import agree, init_from_env, is_main, on_main
 from dadpo.errors import DadpoError
 from dadpo.io import atomic_write_json, check_removable, read_json_object
 from dadpo.reuse import content_key
@@ -115,34 +116,46 @@ def _start_afresh(out: Path, name: str) -> None:
 
 def run_stages(out: Path, stages: list[Stage], echo: Callable[[str], None] = print) -> dict[str, dict]:
     """Run `stages` in order under `out`, skipping those already done with the same hash. Every stage path is
-    checked first, so a folder dadpo did not make stops the run before any stage starts."""
+    checked first, so a folder dadpo did not make stops the run before any stage starts.
+    Under N processes every stage runs on all of them (each stage splits its own work, see
+    `dadpo.distributed`); what is done and what to resume is the main process's reading, and only the main
+    process deletes, writes the records and echoes."""
     check_stage_dirs(out, stages)
     hashes: dict[str, str] = {}
     results: dict[str, dict] = {}
+    say = echo if is_main() else lambda _: None
     for k, stage in enumerate(stages, 1):
         h = hashes[stage.name] = stage_hash(stage, hashes)
         d = out / stage.name
-        done = read_manifest(d)
+        done = agree(read_manifest(d))
         if done and done.get("hash") == h:
-            echo(f"[{k}/{len(stages)}] {stage.name}: up to date ({h}), skipped")
+            say(f"[{k}/{len(stages)}] {stage.name}: up to date ({h}), skipped")
             results[stage.name] = done["summary"]
             continue
         pending = pending_path(d)
-        resume = (read_json_object(pending) or {}).get("hash") == h
-        if not resume:
-            _start_afresh(out, stage.name)
-        atomic_write_json(pending, {"stage": stage.name, "hash": h, "config": stage.config})  # first: the proof
-        d.mkdir(parents=True, exist_ok=True)
-        echo(f"[{k}/{len(stages)}] {stage.name}: {'resuming' if resume else 'running'} ({h})")
+        resume = agree((read_json_object(pending) or {}).get("hash") == h)
+
+        def start(resume=resume, d=d, pending=pending, stage=stage, h=h):
+            if not resume:
+                _start_afresh(out, stage.name)
+            atomic_write_json(pending, {"stage": stage.name, "hash": h, "config": stage.config})  # the proof
+            d.mkdir(parents=True, exist_ok=True)
+
+        on_main(start)
+        say(f"[{k}/{len(stages)}] {stage.name}: {'resuming' if resume else 'running'} ({h})")
         t0 = time.time()
         summary = stage.run(d, resume)
         took = time.time() - t0
-        atomic_write_json(d / MANIFEST, {"stage": stage.name, "hash": h, "config": stage.config,
-                                         "upstream": {u: hashes[u] for u in stage.upstream},
-                                         "seconds": round(took, 1), "finished": time.strftime("%FT%T%z"),
-                                         "summary": summary})
-        pending.unlink(missing_ok=True)
-        echo(f"[{k}/{len(stages)}] {stage.name}: done in {took / 60:.1f} min")
+
+        def finish(d=d, pending=pending, stage=stage, h=h, summary=summary, took=took):
+            atomic_write_json(d / MANIFEST, {"stage": stage.name, "hash": h, "config": stage.config,
+                                             "upstream": {u: hashes[u] for u in stage.upstream},
+                                             "seconds": round(took, 1), "finished": time.strftime("%FT%T%z"),
+                                             "summary": summary})
+            pending.unlink(missing_ok=True)
+
+        on_main(finish)
+        say(f"[{k}/{len(stages)}] {stage.name}: done in {took / 60:.1f} min")
         results[stage.name] = summary
     return results
 
@@ -160,8 +173,11 @@ def prune_stage(recipe: Recipe) -> Stage:
     def run(d: Path, resume: bool) -> dict:
         from dadpo.prune import prune_to_dir
 
-        report = prune_to_dir(recipe.teacher, d / "model", recipe.prune, overwrite=True, data_dir=recipe.data_dir)
-        return {"model": str(d / "model"), **{k: report[k] for k in report if isinstance(report[k], int | float)}}
+        def prune() -> dict:  # once, on the main process; the others wait and then read its model
+            report = prune_to_dir(recipe.teacher, d / "model", recipe.prune, overwrite=True, data_dir=recipe.data_dir)
+            return {"model": str(d / "model"), **{k: report[k] for k in report if isinstance(report[k], int | float)}}
+
+        return on_main(prune)
 
     return Stage("prune", {"teacher": recipe.teacher, **_dump(recipe.prune)}, run, models=named_models(recipe))
 
@@ -418,7 +434,8 @@ def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print, stages: list
     """Run a recipe's stages (default: `plan(recipe)`) under its output_dir, once `preflight` passed."""
     stages = stages if stages is not None else plan(recipe)
     preflight(recipe, stages)
+    init_from_env()  # under torchrun / accelerate launch: the stages split their work across the processes
     out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / RECIPE_RECORD, recipe.model_dump(mode="json"))
+    on_main(lambda: (out.mkdir(parents=True, exist_ok=True),
+                     atomic_write_json(out / RECIPE_RECORD, recipe.model_dump(mode="json"))))
     return run_stages(out, stages, echo)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dadpo.distributed import is_main
 from dadpo.errors import DadpoError
 
 DEMO_RECIPE = "smollm2-135m-prune20-dadpo.yaml"
@@ -67,12 +68,14 @@ def _execute(recipe, dry_run: bool = False) -> int:
     from dadpo.pipeline import plan, preflight, run_recipe
 
     stages = plan(recipe)
-    print(f"recipe {recipe.name}: {' → '.join(s.name for s in stages)} into {recipe.output_dir}")
+    if is_main():
+        print(f"recipe {recipe.name}: {' → '.join(s.name for s in stages)} into {recipe.output_dir}")
     if dry_run:
         preflight(recipe, stages)
         return 0
     results = run_recipe(recipe, stages=stages)
-    print(summary_text(results))
+    if is_main():
+        print(summary_text(results))
     return 0
 
 
@@ -132,11 +135,13 @@ def cmd_bench(args) -> int:
     if recipe.evaluate is None:
         raise DadpoError(f"{args.recipe}: evaluate: bench needs an evaluate section")
     stages = bench_plan(recipe, methods)
-    print(f"bench {recipe.name}: {', '.join(methods)} ({len(stages)} stages) into {recipe.output_dir}")
+    if is_main():
+        print(f"bench {recipe.name}: {', '.join(methods)} ({len(stages)} stages) into {recipe.output_dir}")
     check_bench_dir(Path(recipe.output_dir) / "bench")
     results = run_recipe(recipe, stages=stages)
     command = "dadpo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    print(write_bench(Path(recipe.output_dir) / "bench", results["bench/evaluate"], command))
+    if is_main():
+        print(write_bench(Path(recipe.output_dir) / "bench", results["bench/evaluate"], command))
     return 0
 
 

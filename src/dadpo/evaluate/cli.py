@@ -183,6 +183,7 @@ def build_config(args) -> dict:
 
 
 def cmd_evaluate(args) -> int:
+    from dadpo.distributed import is_main
     from dadpo.evaluate.config import TYPED_KEY_ENV, EvalConfig
     from dadpo.evaluate.run import run_evaluate
 
@@ -191,6 +192,8 @@ def cmd_evaluate(args) -> int:
     config = validated(EvalConfig, build_config(args), context={TYPED_KEY_ENV: args.judge_api_key_env})
     check_out_path(args.out, "--out", folder=True)
     results = run_evaluate(students, args.teacher, args.out, config)
+    if not is_main():
+        return 0
     for name, sets in results["pairwise"].items():
         for s, summ in sets.items():
             print(summary_line(name, s, summ["overall"], summ.get("validity")))

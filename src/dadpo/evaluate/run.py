@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dadpo.data import data_folder
+from dadpo.distributed import barrier, is_main, on_main
 from dadpo.errors import DadpoError
 from dadpo.evaluate.answers import (
     answer_config,
@@ -227,19 +228,23 @@ def run_evaluate(
         load_tokenizer(spec)  # resolves the spec and reads its config and tokenizer: seconds, no weights
     for corpus in config.ppl_corpora:
         load_corpus(corpus, _data_dir(config))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    seed_caches(out_dir, reuse, models, config)
+    on_main(lambda: (out_dir.mkdir(parents=True, exist_ok=True), seed_caches(out_dir, reuse, models, config)))
     answers, metrics = {}, {}
     keep_for_judge = {}
     for name, spec in models.items():
         log.info("evaluating %s (%s)", name, spec)
         model, tok = load_model(spec)
+        # answers split across processes; zero-shot tasks and perplexity on the main process
         answers[name] = generate_answers(model, tok, name, spec, out_dir, config, prompts, progress)
-        metrics[name] = model_metrics(model, tok, name, spec, out_dir, config, progress)
-        if config.judge and config.judge.kind == "local" and config.judge.model == spec:
+        metrics[name] = on_main(lambda m=model, t=tok, n=name, s=spec: model_metrics(m, t, n, s, out_dir, config,
+                                                                                     progress))
+        if is_main() and config.judge and config.judge.kind == "local" and config.judge.model == spec:
             keep_for_judge[spec] = (model, tok)  # the judge is this model: keep it instead of reloading
         del model, tok  # one model in memory at a time
         gc.collect()
+    if not is_main():  # judging and reporting are the main process's
+        barrier()
+        return json.loads((out_dir / "results.json").read_text())
     pairwise = {}
     if config.sets and config.judge:
         judge = judge or make_judge(config.judge, keep_for_judge)
@@ -259,6 +264,7 @@ def run_evaluate(
     results["plots"] = write_plots(results, out_dir)
     atomic_write_json(out_dir / "results.json", results)
     write_report(results, out_dir)
+    barrier()
     return results
 
 

@@ -36,6 +36,7 @@ def register(subparsers) -> None:
 
 
 def cmd_prune(args) -> int:
+    from dadpo.distributed import is_main
     from dadpo.prune.api import prune_to_dir
     from dadpo.prune.config import PruneConfig
 
@@ -43,6 +44,8 @@ def cmd_prune(args) -> int:
     # the pruned model is made beside --out and renamed onto it: both places must take writes, and this is
     # known now, not after minutes of pruning
     check_out_path(args.out, "--out", folder=True, replaced=True)
+    if not is_main():  # under torchrun / accelerate launch: one process prunes, the others have nothing to do
+        return 0
     try:
         r = prune_to_dir(args.model, args.out, config, overwrite=args.overwrite, dtype=args.dtype,
                          trust_remote_code=args.trust_remote_code)

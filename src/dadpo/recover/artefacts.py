@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from dadpo.distributed import agree, on_main
 from dadpo.errors import DadpoError
 from dadpo.io import atomic_write_json, check_removable, read_json_object
 from dadpo.recover.config import RecoverConfig
@@ -119,10 +120,12 @@ def scores_fit(scores: dict, cfg: RecoverConfig) -> bool:
 
 
 def cached_json(path: Path, make) -> dict:
-    if path.is_file():
+    """`make()` (on every process: it may split its work), written once by the main process; read back when
+    the file exists."""
+    if agree(path.is_file()):
         return json.loads(path.read_text())
     obj = make()
-    atomic_write_json(path, obj)
+    on_main(lambda: atomic_write_json(path, obj))
     return obj
 
 

@@ -78,10 +78,12 @@ def _flag(loc: str) -> str:
 
 
 def cmd_recover(args) -> int:
+    from dadpo.distributed import is_main
     from dadpo.recover.pipeline import run_recover
 
     cfg = config_from_args(args)
     check_out_path(args.out, "--out", folder=True)
     metrics = run_recover(args.student, args.teacher, args.prompts, args.out, cfg, overwrite=args.overwrite)
-    print(f"recovered model in {args.out}/model; metrics: {metrics}")
+    if is_main():
+        print(f"recovered model in {args.out}/model; metrics: {metrics}")
     return 0

@@ -81,7 +81,8 @@ class RecoverConfig(_Section):
     kd: KDConfig = Field(default_factory=KDConfig)
     lr: float = Field(5e-6, gt=0, description="learning rate of the last stage")
     epochs: float = Field(1.0, gt=0, description="epochs of the last stage")
-    batch_size: int = Field(4, ge=1, description="pairs (or sequences for dSFT/KD) per device step")
+    batch_size: int = Field(4, ge=1, description="pairs (or sequences for dSFT/KD) per process and step; "
+                            "the global batch is batch_size × grad_accum × processes")
     grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
     max_prompt_len: int = Field(256, ge=1, description="prompt tokens kept (cut from the left)")
     max_response_len: int = Field(256, ge=1, description="response tokens kept (cut from the right)")

@@ -24,21 +24,26 @@ class ResponseLogps:
     hidden: torch.Tensor  # (N, H): final hidden states at those positions (for KD logits)
 
 
-def _parts(model):
+def _head(model):
+    """The output layer of `model`, inside a DistributedDataParallel and/or peft wrapper."""
+    model = getattr(model, "module", model)  # DDP
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
+    return base.get_output_embeddings()
 
 
 def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary logits for selected hidden states (N, H) → (N, V)."""
-    return _parts(model)[1](hidden)
+    return _head(model)(hidden)
 
 
 def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
                    ) -> ResponseLogps:
-    """Run `model` on a right-padded batch and return log p of every labelled next token."""
-    decoder, head = _parts(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    """Run `model` on a right-padded batch and return log p of every labelled next token. The forward goes
+    through `model` itself (a DDP wrapper must see it to synchronise gradients) for the final hidden states
+    (logits of the last position only); the output layer then reads just the labelled positions."""
+    head = _head(model)
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
+                   logits_to_keep=1).hidden_states[-1]
     target = labels[:, 1:]
     mask = target != IGNORE_INDEX
     h = hidden[:, :-1][mask]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from dadpo.data import PromptRecord
+from dadpo.distributed import unshard
 from dadpo.models import load_model
 from dadpo.recover.config import RecoverConfig
 from dadpo.recover.forward import response_logps
@@ -22,11 +23,14 @@ def heldout_nll(spec: str, records: list[PromptRecord], teacher_rows: dict[str, 
     model, tok = load_model(spec)
     examples = [encode_example(tok, r.id, r.messages, teacher_rows[r.id], None, cfg.max_prompt_len,
                                cfg.max_response_len) for r in records]
-    total, count = 0.0, 0
+    per_chunk = []
     for _, batch in batches(examples, cfg.batch_size, tok.pad_token_id, "held-out NLL", model.device):
         out = response_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        total -= out.tokens.sum().item()
-        count += out.tokens.numel()
+        per_chunk.append((out.tokens.sum().item(), out.tokens.numel()))
+    total, count = 0.0, 0
+    for s, n in unshard(per_chunk):  # in one order whatever the number of processes
+        total -= s
+        count += n
     return {"nll": total / count, "tokens": count}
 
 
@@ -43,9 +47,9 @@ def heldout_pairs(spec: str, examples: list[dict], scores: dict, cfg: RecoverCon
         with autocast(cfg):  # the precision the cached π_ref/π_te scores were computed in
             out = response_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
         d_ref, d_te = dadpo_margins(*pair_logps(out.sums, out.counts, b, len(chunk), cfg.margin))
-        d_refs.append(d_ref)
-        d_tes.append(d_te)
-    d_ref, d_te = torch.cat(d_refs), torch.cat(d_tes)
+        d_refs.append(d_ref.cpu())
+        d_tes.append(d_te.cpu())
+    d_ref, d_te = torch.cat(unshard(d_refs)), torch.cat(unshard(d_tes))
     beta2 = cfg.beta2 if cfg.method == "dadpo" else 0.0
     u = cfg.beta1 * d_ref + beta2 * d_te
     return {"reward_acc": (d_ref > 0).float().mean().item(), "objective_acc": (u > 0).float().mean().item(),

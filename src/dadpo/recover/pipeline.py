@@ -30,6 +30,7 @@ from pathlib import Path
 
 from dadpo.data import PromptRecord, load_prompts
 from dadpo.decoding import GenerationConfig
+from dadpo.distributed import agree, on_main
 from dadpo.errors import DadpoError
 from dadpo.generation import generate_to_file
 from dadpo.io import atomic_write_json
@@ -61,9 +62,9 @@ def run_recover(student: str, teacher: str, prompts: str, out_dir: str | os.Path
     # models by spec and content (`model_stamp`): a folder rewritten in place is another run, not this one
     manifest = {"student": model_stamp(student), "teacher": model_stamp(teacher), "prompts": str(prompts),
                 "config": cfg.model_dump(mode="json")}
-    claim_run(out, manifest, overwrite)
-    link_shared(out, [Path(r) for r in reuse], manifest, cfg)
-    if (out / "metrics.json").is_file() and (out / "model" / "config.json").is_file():
+    on_main(lambda: (claim_run(out, manifest, overwrite),
+                     link_shared(out, [Path(r) for r in reuse], manifest, cfg)))
+    if agree((out / "metrics.json").is_file() and (out / "model" / "config.json").is_file()):
         log.info("%s is complete; nothing to do", out)
         return json.loads((out / "metrics.json").read_text())
 
@@ -73,7 +74,7 @@ def run_recover(student: str, teacher: str, prompts: str, out_dir: str | os.Path
     sft = [_example(tok, r, teacher_rows, None, cfg) for r in train_recs]
     dsft_dir = train_stage(student, sft, cfg, "dsft", out / "dsft")
     if cfg.method == "dsft":
-        final_dir = copy_model(dsft_dir, out / "model")
+        final_dir = on_main(lambda: copy_model(dsft_dir, out / "model"))
     else:
         src = str(dsft_dir) if cfg.sampling.student_from == "dsft" else student
         student_rows = _generate(src, train_recs + eval_recs, cfg, out / "student.jsonl",
@@ -92,17 +93,22 @@ def run_recover(student: str, teacher: str, prompts: str, out_dir: str | os.Path
         metrics["final"] = heldout_nll(str(final_dir), eval_recs, teacher_rows, cfg)
         if cfg.method != "dsft":
             metrics["final"].update(heldout_pairs(str(final_dir), examples[len(train_recs):], scores, cfg))
+    us = {}
     if cfg.needs_pairs:  # how the teacher term acts: training pairs at the start, held-out pairs at the end
-        start, u = start_teacher_term(examples[: len(train_recs)], scores, cfg)
+        start, us["start"] = start_teacher_term(examples[: len(train_recs)], scores, cfg)
         metrics["teacher_term"] = {"start": start}
-        us = {"start": u}
         if "teacher_term" in metrics.get("final", {}):
             metrics["teacher_term"]["end"] = metrics["final"].pop("teacher_term")
             us["end"] = metrics["final"].pop("u")
-        write_teacher_term(out, us, cfg)
-    write_training_curves(out, cfg)
-    atomic_write_json(out / "metrics.json", metrics)
-    log.info("recover done: %s", metrics)
+
+    def report():
+        if us:
+            write_teacher_term(out, us, cfg)
+        write_training_curves(out, cfg)
+        atomic_write_json(out / "metrics.json", metrics)
+        log.info("recover done: %s", metrics)
+
+    on_main(report)
     return metrics
 
 
@@ -138,10 +144,8 @@ def _generate(spec: str, records: list[PromptRecord], cfg: RecoverConfig, path: 
     """Responses of `spec` to every record (cached JSONL), as {id: response}."""
     from dadpo.io import read_jsonl
 
-    if path.is_file():
-        rows = read_jsonl(path)
-        if {r["id"] for r in rows} >= {r.id for r in records}:
-            return {r["id"]: r["response"] for r in rows}
+    if agree(path.is_file() and {r["id"] for r in read_jsonl(path)} >= {r.id for r in records}):
+        return {r["id"]: r["response"] for r in read_jsonl(path)}
     gen = GenerationConfig.of(cfg.sampling, cfg.seed)
     model, tok = load_model(spec)
     rows = generate_to_file(model, tok, records, gen, path, model_name=name or model_stamp(spec))

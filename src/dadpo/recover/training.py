@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from dadpo.distributed import agree, barrier, is_main, on_main
 from dadpo.io import atomic_write_json
 from dadpo.models import load_model
 from dadpo.recover.artefacts import last_complete_checkpoint, save_model
@@ -63,21 +64,27 @@ def train_stage(spec: str, examples: list[dict], cfg: RecoverConfig, stage: str,
            target: Path | None = None) -> Path:
     """Train `spec` on `examples` for `stage`, resuming from work/checkpoints; save the merged model."""
     target = target or work / "model"
-    if (target / "config.json").is_file():
+    if agree((target / "config.json").is_file()):
         return target
     ckpt = work / "checkpoints"
     model, tok = load_model(spec)
     trainer = build_trainer(model, tok, examples, cfg, stage, ckpt)
-    last = last_complete_checkpoint(ckpt)
+    last = on_main(lambda: last_complete_checkpoint(ckpt))
     if last:
         log.info("%s: resuming from %s", stage, last)
     trainer.train(resume_from_checkpoint=last)
-    atomic_write_json(work / "log_history.json", trainer.state.log_history)
     model = trainer.model
     if cfg.lora:
         model = model.merge_and_unload()
-    save_model(model, tok, target)
-    shutil.rmtree(ckpt, ignore_errors=True)
+    if is_main():  # once: every process holds the same weights
+        _save(model, tok, trainer.state.log_history, work, target, ckpt)
+    barrier()
     del trainer, model
     gc.collect()
     return target
+
+
+def _save(model, tok, history: list[dict], work: Path, target: Path, ckpt: Path) -> None:
+    atomic_write_json(work / "log_history.json", history)
+    save_model(model, tok, target)
+    shutil.rmtree(ckpt, ignore_errors=True)
