@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dadpo.data import PromptRecord, chat_prompt
+from dadpo.distributed import interleave, shard
 from dadpo.engine import NUCLEUS_CANDIDATES, Engine, Request, request_seed, sample_top_p, unsupported
 from dadpo.generation import GenerationConfig, answer_records, generate_batch
 from dadpo.models import chat_end_token_ids
@@ -57,17 +58,20 @@ def test_greedy_tokens_equal_model_generate_on_smollm(smollm):
 
 @pytest.mark.parametrize("precision", ["model", pytest.param("bfloat16", marks=pytest.mark.skipif(
     not torch.cpu._is_amx_tile_supported(), reason="bf16 is batch-invariant on AMX kernels only (resolve_precision)"))])
-def test_sampled_answers_do_not_depend_on_the_batch(smollm, precision):
+def test_sampled_answers_do_not_depend_on_the_batch_or_the_shard(smollm, precision):
     """bf16 rounding turns any difference of summation order into a different sample, so this holds only
     because every row's numbers are computed the same way whatever else is in the batch."""
     model, tok = smollm
     recs = [_rec(i, f"Tell me one fact about the number {i}.") for i in range(32)]
     cfg = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=3, precision=precision)
     runs = [[r["response"] for r in answer_records(model, tok, recs, GenerationConfig(**cfg, batch_size=bs))]
-            for bs in (1, 7, 32)]
+            for bs in (1, 3, 8)]
     assert runs[0] == runs[1] == runs[2]
+    shards = [[r["response"] for r in answer_records(model, tok, shard(recs, rank, 2),
+                                                     GenerationConfig(**cfg, batch_size=32))] for rank in (0, 1)]
+    assert interleave(shards) == runs[0]  # two processes, each its share of the prompts
     other = [r["response"] for r in answer_records(model, tok, recs, GenerationConfig(**{**cfg, "seed": 4},
-                                                                                      batch_size=32))]
+                                                                                      batch_size=8))]
     assert sum(a != b for a, b in zip(runs[0], other, strict=True)) >= 24  # another seed, other answers
     shuffled = answer_records(model, tok, recs[::-1][:5], GenerationConfig(**cfg, batch_size=2))
     assert [r["response"] for r in shuffled] == runs[0][::-1][:5]  # nor on which prompts come with it
