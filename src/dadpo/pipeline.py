@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dadpo.distributed import agree, init_from_env, is_main, on_main
+from dadpo.distributed import agree, barrier, init_from_env, is_main, on_main
 from dadpo.errors import DadpoError
 from dadpo.io import atomic_write_json, check_removable, read_json_object
 from dadpo.reuse import content_key
@@ -121,6 +121,7 @@ def run_stages(out: Path, stages: list[Stage], echo: Callable[[str], None] = pri
     `dadpo.distributed`); what is done and what to resume is the main process's reading, and only the main
     process deletes, writes the records and echoes."""
     check_stage_dirs(out, stages)
+    barrier()  # every process has looked before the main one deletes or writes anything
     hashes: dict[str, str] = {}
     results: dict[str, dict] = {}
     say = echo if is_main() else lambda _: None

@@ -141,9 +141,10 @@ def last_complete_checkpoint(ckpt: Path) -> str | None:
     return str(dirs[-1]) if dirs else None
 
 
-def save_model(model, tok, target: Path) -> None:
+def save_model(model, tok, target: Path, state_dict: dict | None = None) -> None:
+    """`model` (with `state_dict`, e.g. weights gathered from FSDP shards) and `tok` as a from_pretrained folder."""
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
     tok.save_pretrained(tmp)
     tmp.chmod(0o755)
     if target.exists():

@@ -38,13 +38,14 @@ class RecoverTrainer(Trainer):
         self._stats: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # the forward bypasses model.forward (decoder + chunked output layer), which is what accelerate wraps
-        # in autocast for bf16/fp16, so enter the accelerator's autocast here
+        # the output layer runs outside model.forward (on the response positions only), outside the autocast
+        # accelerate wraps the forward in for bf16/fp16, so enter the accelerator's autocast here
         tokens = num_items_in_batch if self.stage in TOKEN_STAGES else None
         with self.accelerator.autocast():
             loss, stats = recover_loss(model, inputs, self.recover, self.stage, tokens)
-        if tokens is not None:  # a share of the global mean; DDP averages the processes' gradients
-            loss = loss * self.accelerator.num_processes
+        if tokens is not None:
+            if self.args.average_tokens_across_devices:  # then `tokens` counts every process's: a share of the
+                loss = loss * self.accelerator.num_processes  # global mean, and DDP averages the gradients
         else:
             loss = loss / self.current_gradient_accumulation_steps
         for k, v in stats.items():

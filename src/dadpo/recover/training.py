@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from dadpo.distributed import agree, barrier, is_main, on_main
+from dadpo.errors import DadpoError
 from dadpo.io import atomic_write_json
 from dadpo.models import load_model
 from dadpo.recover.artefacts import last_complete_checkpoint, save_model
@@ -66,6 +68,9 @@ def train_stage(spec: str, examples: list[dict], cfg: RecoverConfig, stage: str,
     target = target or work / "model"
     if agree((target / "config.json").is_file()):
         return target
+    if cfg.lora and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise DadpoError("recover.lora under FSDP: the adapter cannot be merged into sharded weights; launch with "
+                         "DDP (recipes/accelerate/ddp-8gpu.yaml) or train the full model")
     ckpt = work / "checkpoints"
     model, tok = load_model(spec)
     trainer = build_trainer(model, tok, examples, cfg, stage, ckpt)
@@ -76,15 +81,17 @@ def train_stage(spec: str, examples: list[dict], cfg: RecoverConfig, stage: str,
     model = trainer.model
     if cfg.lora:
         model = model.merge_and_unload()
+    # FSDP: every process gathers the full weights (a collective); DDP or one process: the model holds them
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
     if is_main():  # once: every process holds the same weights
-        _save(model, tok, trainer.state.log_history, work, target, ckpt)
+        _save(model, tok, trainer.state.log_history, work, target, ckpt, state)
     barrier()
     del trainer, model
     gc.collect()
     return target
 
 
-def _save(model, tok, history: list[dict], work: Path, target: Path, ckpt: Path) -> None:
+def _save(model, tok, history: list[dict], work: Path, target: Path, ckpt: Path, state: dict | None) -> None:
     atomic_write_json(work / "log_history.json", history)
-    save_model(model, tok, target)
+    save_model(model, tok, target, state)
     shutil.rmtree(ckpt, ignore_errors=True)
