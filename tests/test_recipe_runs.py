@@ -238,3 +238,35 @@ def test_recipe_with_two_processes_matches_one_process_and_resumes_after_a_kill(
     r = run(killed, 2)
     assert "prune: up to date" in r.stdout and "recover: resuming" in r.stdout
     assert _answers(killed) == got  # the trained student too: two processes train the same way every time
+
+
+def test_bench_with_two_processes(tmp_path, smollm, data_aliases):
+    """`dadpo bench` under torchrun with two processes: the shared work is linked between methods, token KD's
+    teacher top-k is scored across both processes, the judge and the table run once."""
+    import os
+    import subprocess
+    import sys
+
+    _, tok = smollm
+    teacher = tiny(tmp_path / "teacher", tok, "llama", layers=4, hidden=128, mlp=2048)
+    sets = [s for s in SMALL if s != "evaluate=null"] + [
+        f"teacher={teacher}", f"output_dir={tmp_path / 'run'}", "recover.batch_size=1", "evaluate.sets=[dolly]",
+        "evaluate.limit=2", "evaluate.seeds=[1]", "evaluate.generation.max_new_tokens=4",
+        f"evaluate.judge.model={teacher}", "evaluate.judge.sets=[dolly]", "evaluate.tasks=[]",
+        "evaluate.ppl_max_windows=2", "evaluate.bootstrap=50"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(_free_port()), "-m", "dadpo", "bench",
+                        str(RECIPES / "smollm2-135m-prune20-dadpo.yaml"), "--methods", "none,dsft,kd,dadpo",
+                        *[a for s in sets for a in ("--set", s)]],
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 1 of 2" in r.stderr and r.stdout.count("| kd |") == 1  # the table, printed once
+    bench = tmp_path / "run" / "bench"
+    rows = json.loads((bench / "bench.json").read_text())["rows"]
+    assert [x["method"] for x in rows] == ["teacher", "none", "dsft", "kd", "dadpo"]
+    assert all(x["preference"] is not None for x in rows[1:])  # judged (on the main process)
+    assert (bench / "recover-dadpo" / "dsft").is_symlink() and (bench / "recover-kd" / "teacher.jsonl").is_symlink()
+    scores = torch.load(bench / "recover-kd" / "scores.pt", weights_only=True)
+    topk = [s["topk_ids"] for s in scores.values() if "topk_ids" in s]  # the 4 training pairs' teacher top-k
+    assert len(scores) == 6 and len(topk) == 4 and all(t.shape[-1] == 20 for t in topk)
+    assert not [p for p in tmp_path.rglob("*") if ".part" in p.name or p.name.endswith(".tmp")]
