@@ -35,11 +35,14 @@ PAIRS = [("dsft", "none"), ("kd", "none"), ("dpo", "none"), ("dadpo", "none"), (
 BOOTSTRAP = 2000
 
 
-def bootstrap_ci(stat, n: int, seed: int = 0) -> list[float]:
-    """95% percentile interval of `stat(idx)` over prompts resampled with replacement."""
+def bootstrap_ci(stat, n: int, seed: int = 0) -> list[float | None]:
+    """95% percentile interval of `stat(idx)` over prompts resampled with replacement (resamples where the
+    statistic is undefined, NaN, are left out; None when most are)."""
     rng = np.random.default_rng(seed)
-    values = [stat(rng.integers(0, n, n)) for _ in range(BOOTSTRAP)]
-    return [float(v) for v in np.percentile(values, [2.5, 97.5])]
+    values = np.array([stat(rng.integers(0, n, n)) for _ in range(BOOTSTRAP)], dtype=float)
+    if np.isnan(values).mean() > 0.5:
+        return [None, None]
+    return [float(v) for v in np.nanpercentile(values, [2.5, 97.5])]
 
 
 def wilson(k: int, n: int) -> list[float]:
@@ -96,7 +99,8 @@ def greedy_loops(spec: str, stamp: str, sets: dict, folder: Path) -> dict[str, d
     cfg = GenerationConfig(max_new_tokens=128, temperature=0.0, batch_size=32, precision="model")
     out = {}
     for name, records in sets.items():
-        rows = generate_to_file(model, tok, records, cfg, folder / f"{name}.jsonl", model_name=stamp)
+        rows = generate_to_file(model, tok, records, cfg, folder / f"{name}.jsonl", model_name=stamp,
+                                replace_stale=True)
         out[name] = {r["id"]: loops(r["response"]) for r in rows}
     return out
 
@@ -111,6 +115,7 @@ def main() -> None:
     print("dadpo " + " ".join(shlex.quote(a) for a in argv), flush=True)
     from dadpo.cli import main as dadpo
 
+    sys.argv = ["dadpo", *argv]  # what bench records as its command
     if dadpo(argv) != 0:
         sys.exit(1)
 
@@ -121,6 +126,7 @@ def main() -> None:
     from dadpo.pipeline import read_manifest
     from dadpo.recipe import load_recipe
     from dadpo.recover.pipeline import split_prompts
+    from dadpo.reuse import content_key
 
     recipe = load_recipe(RECIPE, [f"data_dir={data_dir}"])
     bench = out / "bench"
@@ -133,11 +139,14 @@ def main() -> None:
     sets = load_eval_sets(eval_cfg)
     work = bench / "science"
     nll, loop = {}, {}
+    lengths = (recipe.recover.max_prompt_len, recipe.recover.max_response_len)
+    nll_inputs = content_key({"heldout": [(r.id, teacher_rows[r.id]) for r in heldout], "lengths": lengths})
+    loop_inputs = content_key({s: [r.id for r in recs] for s, recs in sets.items()})
     for name in MODELS:
         stamp = model_stamp(specs[name])
-        nll[name] = cached(work / f"nll-{name}.json", stamp,
+        nll[name] = cached(work / f"nll-{name}.json", f"{stamp}:{nll_inputs}",
                            lambda s=specs[name]: per_prompt_nll(s, heldout, teacher_rows, recipe.recover))
-        loop[name] = cached(work / f"loops-{name}.json", stamp,
+        loop[name] = cached(work / f"loops-{name}.json", f"{stamp}:{loop_inputs}",
                             lambda s=specs[name], t=stamp, n=name: greedy_loops(s, t, sets, work / "greedy" / n))
 
     ids = [r.id for r in heldout]
@@ -194,12 +203,14 @@ def main() -> None:
         def share(i):
             den = f["teacher"](i) - f["none"](i)
             return 100 * (f[m](i) - f["none"](i)) / den if den else math.nan
-        return {"value": share(slice(None)), "ci95": bootstrap_ci(share, n)}
+        value = share(slice(None))
+        return {"value": None if math.isnan(value) else value, "ci95": bootstrap_ci(share, n)}
 
     metrics = ["nll"] + [(k, s) for k in ("rouge", "loops") for s in set_names]
     gaps = {m: {("nll" if x == "nll" else f"{x[0]}_{x[1]}"): gap(m, x) for x in metrics} for m in METHODS[1:]}
-    ppl_gap = {m: 100 * (r["ppl"] - rows[1]["ppl"]) / (rows[0]["ppl"] - rows[1]["ppl"]) for m, r in
-               zip(MODELS, rows, strict=True) if m not in ("teacher", "none")}
+    log_ppl = {r["model"]: math.log(r["ppl"]) for r in rows}  # on the log scale, like the NLL column
+    ppl_gap = {m: 100 * (log_ppl[m] - log_ppl["none"]) / (log_ppl["teacher"] - log_ppl["none"])
+               for m in METHODS[1:]}
     seconds = {d.name: read_manifest(d).get("seconds") for d in [out / "prune", *sorted(bench.iterdir())]
                if d.is_dir() and read_manifest(d)}
     report = {"command": "python benchmarks/science_run.py --data-dir DATA", "bench": argv, "rows": rows,
@@ -215,7 +226,9 @@ def main() -> None:
 def _ci(x: dict, digits: int = 1, sign: bool = False) -> str:
     f = f"{{:{'+' if sign else ''}.{digits}f}}".format
     lo, hi = x["ci95"]
-    return f"{f(x['delta'] if 'delta' in x else x['value'])} [{f(lo)}, {f(hi)}]"
+    raw = x["delta"] if "delta" in x else x["value"]
+    value = "–" if raw is None else f(raw)
+    return f"{value} [{f(lo)}, {f(hi)}]" if lo is not None else f"{value} [undefined]"
 
 
 def print_tables(report: dict, sets: list[str]) -> None:
@@ -240,7 +253,7 @@ def print_tables(report: dict, sets: list[str]) -> None:
               + " | ".join(_ci(c[f"loops_greedy_{s}"], 1, True) for s in sets) + " |")
     print("\nShare of the prune's gap to the teacher closed, % (teacher = 100, none = 0; 95% CI):\n")
     keys = list(next(iter(report["gap_closed"].values())))
-    print("| method | " + " | ".join(keys) + " | WikiText-2 PPL |")
+    print("| method | " + " | ".join(keys) + " | WikiText-2 log-PPL |")
     print("|---" * (2 + len(keys)) + "|")
     for m, g in report["gap_closed"].items():
         print(f"| {m} | " + " | ".join(_ci(g[k], 0) for k in keys) + f" | {report['ppl_gap_closed'][m]:.0f} |")
