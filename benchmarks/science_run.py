@@ -66,28 +66,6 @@ def cached(path: Path, key: str, make):
     return value
 
 
-def per_prompt_nll(spec: str, records, teacher_rows: dict[str, str], cfg) -> dict[str, list[float]]:
-    """{prompt id: [summed NLL, tokens]} of the teacher's held-out responses under `spec` (as recover's
-    held-out NLL computes it, per prompt)."""
-    import torch
-
-    from dadpo.models import load_model
-    from dadpo.recover.forward import response_logps
-    from dadpo.recover.pairs import encode_example
-    from dadpo.recover.scoring import batches
-
-    model, tok = load_model(spec)
-    examples = [encode_example(tok, r.id, r.messages, teacher_rows[r.id], None, cfg.max_prompt_len,
-                               cfg.max_response_len) for r in records]
-    out = {}
-    with torch.no_grad():
-        for chunk, batch in batches(examples, cfg.batch_size, tok.pad_token_id, "held-out NLL", model.device):
-            lp = response_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            for ex, s, c in zip(chunk, lp.sums.tolist(), lp.counts.tolist(), strict=True):
-                out[ex["id"]] = [-s, c]
-    return out
-
-
 def greedy_loops(spec: str, stamp: str, sets: dict, folder: Path) -> dict[str, dict[str, bool]]:
     """{set: {prompt id: loops}} of greedy float32 answers (128 new tokens) to every evaluation prompt."""
     from dadpo.decoding import GenerationConfig
@@ -125,6 +103,7 @@ def main() -> None:
     from dadpo.models import model_stamp
     from dadpo.pipeline import read_manifest
     from dadpo.recipe import load_recipe
+    from dadpo.recover.heldout import heldout_prompt_nll
     from dadpo.recover.pipeline import split_prompts
     from dadpo.reuse import content_key
 
@@ -145,7 +124,7 @@ def main() -> None:
     for name in MODELS:
         stamp = model_stamp(specs[name])
         nll[name] = cached(work / f"nll-{name}.json", f"{stamp}:{nll_inputs}",
-                           lambda s=specs[name]: per_prompt_nll(s, heldout, teacher_rows, recipe.recover))
+                           lambda s=specs[name]: heldout_prompt_nll(s, heldout, teacher_rows, recipe.recover))
         loop[name] = cached(work / f"loops-{name}.json", f"{stamp}:{loop_inputs}",
                             lambda s=specs[name], t=stamp, n=name: greedy_loops(s, t, sets, work / "greedy" / n))
 

@@ -271,6 +271,24 @@ def test_held_out_pairs_scored_in_the_cached_scores_precision(tiny, tmp_path):
     assert final["pairs"] == 2 and final["margin_ref"] == 0.0 and final["reward_acc"] == 0.0
 
 
+def test_held_out_nll_per_prompt_does_not_depend_on_the_batch_and_pools_to_the_run_figure(tiny):
+    """Each prompt's summed NLL is that prompt's alone (batches of 1 and 3, other padding, agree), in the
+    records' order, and the run's pooled held-out NLL is their token-weighted mean."""
+    from dadpo.data import load_prompts
+    from dadpo.recover.heldout import heldout_nll, heldout_prompt_nll
+
+    records = load_prompts(tiny["prompts"])[:5]
+    answers = {r.id: "It is " + " and ".join(["large"] * (int(r.id) + 1)) + "." for r in records}
+    cfg = {b: RecoverConfig.parse({**TINY_CFG, "batch_size": b}) for b in (1, 3)}
+    one, three = (heldout_prompt_nll(tiny["student"], records, answers, cfg[b]) for b in (1, 3))
+    assert list(three) == [r.id for r in records]
+    assert all(three[i][1] == one[i][1] and three[i][0] == pytest.approx(one[i][0], rel=1e-5) for i in one)
+    assert len({n for _, n in one.values()}) > 1  # responses of different lengths: padding really differs
+    pooled = heldout_nll(tiny["student"], records, answers, cfg[3])
+    assert pooled["tokens"] == sum(n for _, n in one.values())
+    assert pooled["nll"] == pytest.approx(sum(s for s, _ in one.values()) / pooled["tokens"], rel=1e-6)
+
+
 def _cli(tiny, out: Path, method: str) -> list[str]:
     return [sys.executable, "-m", "dadpo", "recover", "--student", tiny["student"], "--teacher", tiny["teacher"],
             "--prompts", tiny["prompts"], "--out", str(out), "--method", method, "--train-prompts", "8",

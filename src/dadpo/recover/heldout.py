@@ -16,22 +16,28 @@ from dadpo.recover.scoring import autocast, batches
 
 
 @torch.no_grad()
-def heldout_nll(spec: str, records: list[PromptRecord], teacher_rows: dict[str, str], cfg: RecoverConfig) -> dict:
-    """Per-token NLL of the held-out teacher responses under model `spec`."""
-    if not records:
-        return {}
+def heldout_prompt_nll(spec: str, records: list[PromptRecord], teacher_rows: dict[str, str],
+                       cfg: RecoverConfig) -> dict[str, tuple[float, int]]:
+    """{prompt id: (summed NLL, tokens)} of each held-out teacher response under model `spec`, in `records`'
+    order whatever the number of processes (paired comparisons between models need them per prompt)."""
     model, tok = load_model(spec)
     examples = [encode_example(tok, r.id, r.messages, teacher_rows[r.id], None, cfg.max_prompt_len,
                                cfg.max_response_len) for r in records]
     per_chunk = []
-    for _, batch in batches(examples, cfg.batch_size, tok.pad_token_id, "held-out NLL", model.device):
+    for chunk, batch in batches(examples, cfg.batch_size, tok.pad_token_id, "held-out NLL", model.device):
         out = response_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        per_chunk.append((out.tokens.sum().item(), out.tokens.numel()))
-    total, count = 0.0, 0
-    for s, n in unshard(per_chunk):  # in one order whatever the number of processes
-        total -= s
-        count += n
-    return {"nll": total / count, "tokens": count}
+        per_chunk.append([(ex["id"], -s, n) for ex, s, n in zip(chunk, out.sums.tolist(), out.counts.tolist(),
+                                                                 strict=True)])
+    return {i: (s, n) for rows in unshard(per_chunk) for i, s, n in rows}
+
+
+def heldout_nll(spec: str, records: list[PromptRecord], teacher_rows: dict[str, str], cfg: RecoverConfig) -> dict:
+    """Per-token NLL of the held-out teacher responses under model `spec`, pooled over every token."""
+    if not records:
+        return {}
+    per_prompt = heldout_prompt_nll(spec, records, teacher_rows, cfg).values()
+    count = sum(n for _, n in per_prompt)
+    return {"nll": sum(s for s, _ in per_prompt) / count, "tokens": count}
 
 
 @torch.no_grad()
