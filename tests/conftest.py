@@ -59,6 +59,15 @@ def smollm_dir() -> Path:
     return Path(resolve_model("smollm2-135m-instruct"))
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for torchrun's rendezvous in multi-process tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     """Run the real `dadpo` entry point in this process: (exit code, stdout, stderr). An exception escapes,
     as a traceback would."""

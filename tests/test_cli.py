@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from conftest import free_port
+
 
 def dadpo(*args, env=None, cwd=None):
     return subprocess.run([sys.executable, "-m", "dadpo", *args], capture_output=True, text=True, env=env,
@@ -62,14 +64,6 @@ def test_generate_vicuna_prompts_to_jsonl(tmp_path, data_dir):
     assert "wrote 3 answers" in r.stdout
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_generate_with_two_processes_writes_what_one_process_writes(tmp_path, smollm_dir):
     """torchrun starts two processes (each says so), each answers its share, the first writes the file: the
@@ -82,7 +76,7 @@ def test_generate_with_two_processes_writes_what_one_process_writes(tmp_path, sm
 
     def torchrun(*args):
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "dadpo",
+                               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "dadpo",
                                *args], capture_output=True, text=True, timeout=600)
 
     for decoding in (["--temperature", "1", "--top-p", "0.9", "--seed", "5"], []):

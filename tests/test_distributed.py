@@ -25,15 +25,13 @@ def test_recover_forward_under_fsdp2_gives_the_unsharded_gradients():
     forward; its gradient and every other must still be the whole batch's. accelerate enables FSDP only on
     GPU back-ends (on CPU it silently runs DDP), so this drives torch directly."""
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from conftest import free_port
+
     r = subprocess.run([sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_addr", "127.0.0.1", "--master_port", str(port), str(Path(__file__).with_name(
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(Path(__file__).with_name(
                             "fsdp_worker.py"))], env={**os.environ, "OMP_NUM_THREADS": "1"},
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

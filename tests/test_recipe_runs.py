@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from dadpo.pipeline import MANIFEST, plan, run_recipe
 from dadpo.recipe import load_recipe
 
@@ -139,14 +140,6 @@ def test_run_killed_during_recover_resumes_without_redoing_prune_or_generation(t
         assert b["final"][k] == pytest.approx(a["final"][k], abs=1e-4), k
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _answers(run: Path) -> dict[str, list[dict]]:
     """A run's answer files (recover's and evaluate's), by path without the model folders' spec hash, each
     row without its model stamp (which names the run's own folder)."""
@@ -187,7 +180,7 @@ def test_recipe_with_two_processes_matches_one_process_and_resumes_after_a_kill(
     def cmd(out: Path, processes: int) -> list[str]:
         launch = [sys.executable] if processes == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
         per_process = [f"recover.batch_size={4 // processes}"]  # the global batch: 4 prompts a step
         return [*launch, "-m", "dadpo", "run", str(RECIPES / "smollm2-135m-prune20-dadpo.yaml"), "--out", str(out),
                 *[a for s in [*sets, *per_process] for a in ("--set", s)]]
@@ -255,7 +248,7 @@ def test_bench_with_two_processes(tmp_path, smollm, data_aliases):
         f"evaluate.judge.model={teacher}", "evaluate.judge.sets=[dolly]", "evaluate.tasks=[]",
         "evaluate.ppl_max_windows=2", "evaluate.bootstrap=50"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                        "127.0.0.1", "--master_port", str(_free_port()), "-m", "dadpo", "bench",
+                        "127.0.0.1", "--master_port", str(free_port()), "-m", "dadpo", "bench",
                         str(RECIPES / "smollm2-135m-prune20-dadpo.yaml"), "--methods", "none,dsft,kd,dadpo",
                         *[a for s in sets for a in ("--set", s)]],
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=1200)
