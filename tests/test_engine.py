@@ -60,19 +60,23 @@ def test_greedy_tokens_equal_model_generate_on_smollm(smollm):
     not torch.cpu._is_amx_tile_supported(), reason="bf16 is batch-invariant on AMX kernels only (resolve_precision)"))])
 def test_sampled_answers_do_not_depend_on_the_batch_or_the_shard(smollm, precision):
     """bf16 rounding turns any difference of summation order into a different sample, so this holds only
-    because every row's numbers are computed the same way whatever else is in the batch."""
+    because every row's numbers are computed the same way whatever else is in the batch (in bf16, products
+    of more than 32 rows round some rows differently, hence a batch of 48 there; float32 is invariant at 80)."""
     model, tok = smollm
-    recs = [_rec(i, f"Tell me one fact about the number {i}.") for i in range(32)]
+    n = 48 if precision == "bfloat16" else 32
+    recs = [_rec(i, f"Tell me one fact about the number {i}.") for i in range(n)]
     cfg = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=3, precision=precision)
     runs = [[r["response"] for r in answer_records(model, tok, recs, GenerationConfig(**cfg, batch_size=bs))]
-            for bs in (1, 3, 8)]
+            for bs in (8, 3, n)]
     assert runs[0] == runs[1] == runs[2]
+    alone = answer_records(model, tok, recs[:6], GenerationConfig(**cfg, batch_size=1))
+    assert [r["response"] for r in alone] == runs[0][:6]
     shards = [[r["response"] for r in answer_records(model, tok, shard(recs, rank, 2),
                                                      GenerationConfig(**cfg, batch_size=32))] for rank in (0, 1)]
     assert interleave(shards) == runs[0]  # two processes, each its share of the prompts
     other = [r["response"] for r in answer_records(model, tok, recs, GenerationConfig(**{**cfg, "seed": 4},
                                                                                       batch_size=8))]
-    assert sum(a != b for a, b in zip(runs[0], other, strict=True)) >= 24  # another seed, other answers
+    assert sum(a != b for a, b in zip(runs[0], other, strict=True)) >= 3 * n // 4  # another seed, other answers
     shuffled = answer_records(model, tok, recs[::-1][:5], GenerationConfig(**cfg, batch_size=2))
     assert [r["response"] for r in shuffled] == runs[0][::-1][:5]  # nor on which prompts come with it
 

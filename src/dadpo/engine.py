@@ -36,6 +36,9 @@ BLOCK = 256
 SPAN = 64
 #: candidates searched for the top-p nucleus before a row falls back to a full sort
 NUCLEUS_CANDIDATES = 64
+#: most requests one oneDNN bf16 product takes at once: up to 32 rows it computes every row as it would alone,
+#: past that some rows round differently (measured on AMX), which would make answers depend on the batch
+ROW_BLOCK = 32
 
 
 def request_seed(seed: int, *parts: object) -> int:
@@ -91,10 +94,11 @@ def unsupported(model) -> str | None:
 def resolve_precision(precision: str, model, temperature: float) -> str:
     """`auto` → `bfloat16` for sampled answers of a float32 model that the engine runs on a CPU with bf16
     matrix units (AMX), where bf16 matmuls are several times faster and oneDNN computes every row the same
-    way whatever the batch (so answers stay batch-invariant); `model` (the model's own dtype) otherwise, so
-    greedy answers equal `model.generate`'s. AVX512-BF16 CPUs (e.g. AMD Zen 4) are faster in bf16 too
-    (2048³ on 2 cores: 74 → 284 GFLOP/s) but their kernels round a row differently at other batch sizes, so
-    they get bf16 only when asked for (`bfloat16`: reproducible at a fixed batch size, not across them)."""
+    way in products of up to `ROW_BLOCK` rows, the most the engine gives it (so answers stay
+    batch-invariant); `model` (the model's own dtype) otherwise, so greedy answers equal `model.generate`'s.
+    AVX512-BF16 CPUs (e.g. AMD Zen 4) are faster in bf16 too (2048³ on 2 cores: 74 → 284 GFLOP/s) but their
+    kernels round a row differently at other batch sizes, so they get bf16 only when asked for (`bfloat16`:
+    reproducible at a fixed batch size, not across them)."""
     if precision != "auto":
         return precision
     fast_bf16 = (temperature > 0 and unsupported(model) is None and model.dtype == torch.float32
@@ -168,14 +172,20 @@ class _Linear:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The projections of `x` `[requests, tokens, features]`; a prepacked product takes at most
+        `ROW_BLOCK` requests at once (one request's prompt, however long, stays one call)."""
         if self.packed is not None:
-            out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.parts[0][1],
-                                                     "none", [], "").view(*x.shape[:-1], -1)
+            parts = [self._packed_product(part) for part in x.split(ROW_BLOCK)]
+            out = parts[0] if len(parts) == 1 else torch.cat(parts)
         elif len(self.parts) == 1:
             out = torch.nn.functional.linear(x, *self.parts[0])
         else:
             return tuple(torch.nn.functional.linear(x, *p) for p in self.parts)
         return out.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (out,)
+
+    def _packed_product(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.parts[0][1], "none",
+                                                  [], "").view(*x.shape[:-1], -1)
 
 
 @dataclass
@@ -353,11 +363,10 @@ class Engine:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits. In bf16 mode the output layer runs in bf16 (its logits are rounded to bf16) and the
         top `NUCLEUS_CANDIDATES` of each row, where argmax and nucleus are decided, are recomputed exactly
-        from the float32 weights. Rows go through in blocks of 32 so that no row's numbers depend on how many
-        others share the step."""
+        from the float32 weights."""
         if self.compute_dtype is None:
             return self.model.lm_head(hidden).float()
-        approx = torch.cat([self.head(h.to(self.compute_dtype))[0].float() for h in hidden.split(32)])
+        approx = self.head(hidden[:, None].to(self.compute_dtype))[0][:, 0].float()
         top = approx.topk(NUCLEUS_CANDIDATES, dim=-1).indices
         lm = self.model.lm_head
         exact = torch.einsum("nh,nkh->nk", hidden, lm.weight[top])
