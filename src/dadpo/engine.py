@@ -138,9 +138,9 @@ class _SlotCache:
         self.k[layer][slot, :, :n] = key[0]
         self.v[layer][slot, :, :n] = value[0]
 
-    def write_step(self, layer: int, positions: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store one new token per active slot `[n, kv_heads, 1, head_dim]` at `positions`."""
-        rows = torch.arange(key.shape[0], device=key.device)
+    def write_step(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, key: torch.Tensor,
+                   value: torch.Tensor) -> None:
+        """Store one new token per active slot `[n, kv_heads, 1, head_dim]` at `positions` (`rows` = 0…n−1)."""
         self.k[layer][rows, :, positions] = key[:, :, 0]
         self.v[layer][rows, :, positions] = value[:, :, 0]
 
@@ -172,16 +172,21 @@ class _Linear:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The projections of `x` `[requests, tokens, features]`; a prepacked product takes at most
-        `ROW_BLOCK` requests at once (one request's prompt, however long, stays one call)."""
-        if self.packed is not None:
-            parts = [self._packed_product(part) for part in x.split(ROW_BLOCK)]
-            out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        elif len(self.parts) == 1:
-            out = torch.nn.functional.linear(x, *self.parts[0])
-        else:
+        """The projections of `x` `[requests, tokens, features]`, one tensor each."""
+        if self.packed is None and len(self.parts) > 1:
             return tuple(torch.nn.functional.linear(x, *p) for p in self.parts)
+        out = self.whole(x)
         return out.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (out,)
+
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """The projections of `x` side by side in one tensor. A prepacked product takes at most `ROW_BLOCK`
+        requests at once (one request's prompt, however long, stays one call)."""
+        if self.packed is None:
+            outs = [torch.nn.functional.linear(x, *p) for p in self.parts]
+            return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+        if x.shape[0] <= ROW_BLOCK:
+            return self._packed_product(x)
+        return torch.cat([self._packed_product(part) for part in x.split(ROW_BLOCK)])
 
     def _packed_product(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.parts[0][1], "none",
@@ -308,6 +313,7 @@ class Engine:
         n = len(rows)
         ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
         positions = torch.tensor([r.length for r in rows], device=self.device)
+        slots = torch.arange(n, device=self.device)
         spans = [math.ceil((r.length + 1) / SPAN) * SPAN for r in rows]
         groups = []
         for span in sorted(set(spans)):
@@ -318,7 +324,7 @@ class Engine:
             groups.append((rows_of, span, visible[:, None, None, :]))
 
         def attend(i: int, layer: _Layer, q, k, v):
-            self.cache.write_step(i, positions, k, v)
+            self.cache.write_step(i, slots, positions, k, v)
             keys, values = self.cache.k[i], self.cache.v[i]
             if len(groups) == 1:
                 _, span, mask = groups[0]
@@ -344,13 +350,15 @@ class Engine:
         `attend(layer_index, layer, q, k, v)` stores the new keys/values and returns the attention output."""
         inner = self.model.model
         hidden = inner.embed_tokens(ids)
-        cos, sin = (t.unsqueeze(1) for t in inner.rotary_emb(hidden, position_ids=positions))
-        n, t = ids.shape
+        cos, sin = (t.unsqueeze(2) for t in inner.rotary_emb(hidden, position_ids=positions))
         for i, layer in enumerate(self.layers):
             x = self._cast(layer.module.input_layernorm(hidden))
-            q, k, v = (y.reshape(n, t, -1, layer.head_dim).transpose(1, 2) for y in layer.qkv(x))
-            q = self._cast(q * cos + _rotate_half(q) * sin)
-            k = self._cast(k * cos + _rotate_half(k) * sin)
+            qkv = layer.qkv.whole(x)
+            # queries and keys rotated in one pass (elementwise: each value is what rotating them apart gives)
+            qk = qkv[..., : (layer.heads + layer.kv_heads) * layer.head_dim].unflatten(-1, (-1, layer.head_dim))
+            qk = self._cast(qk * cos + _rotate_half(qk) * sin).transpose(1, 2)
+            q, k = qk[:, : layer.heads], qk[:, layer.heads:]
+            v = qkv[..., qk.shape[1] * layer.head_dim:].unflatten(-1, (-1, layer.head_dim)).transpose(1, 2)
             hidden = hidden + layer.o(attend(i, layer, q, k, v))[0]
             x = self._cast(layer.module.post_attention_layernorm(hidden))
             gate, up = layer.gate_up(x)
