@@ -203,6 +203,16 @@ def test_unreachable_endpoint_errors_after_retries_and_keeps_cached_verdicts(ser
     assert dead.judge(ITEMS[:1], kept, progress=False)[0]["key"] in kept.rows
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt, as in a terminal: a process started in the background by a shell
+    without job control inherits SIGINT ignored, and Python then leaves it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_ctrl_c_cancels_queued_requests_and_keeps_the_one_in_flight(server, tmp_path, monkeypatch):
     url, srv = server
     handler, posts = srv.RequestHandlerClass, []
@@ -225,6 +235,7 @@ def test_ctrl_c_cancels_queued_requests_and_keeps_the_one_in_flight(server, tmp_
     assert len(VerdictCache(path).rows) == len(posts)  # and every one that was sent is kept
 
 
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_ctrl_c_while_the_workers_are_still_starting_keeps_the_request_in_flight(server, tmp_path, monkeypatch):
     """The interrupt lands right after the first worker started (and sent its request), before the judge
     could note that worker anywhere: the judge must still wait for that reply and keep it."""
