@@ -32,7 +32,7 @@ def main() -> None:
     model, tok = load_model(args.model)
     rows = load_prompts(f"{args.data_dir}/dolly15k/databricks-dolly-15k.jsonl")[80:80 + args.prompts]
     ids = [tok(chat_prompt(tok, r.messages), add_special_tokens=False)["input_ids"] for r in rows]
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # as generate_to_file orders prompts
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first, as generate_to_file does
     answers = {}
     for bs in sorted(int(b) for b in args.batch_sizes.split(",")):
         engine = Engine(model, chat_end_token_ids(tok), slots=bs, max_new_tokens=args.max_new_tokens,

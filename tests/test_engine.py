@@ -12,7 +12,16 @@ import torch
 
 from dadpo.data import PromptRecord, chat_prompt
 from dadpo.distributed import interleave, shard
-from dadpo.engine import NUCLEUS_CANDIDATES, Engine, Request, request_seed, sample_top_p, unsupported
+from dadpo.engine import (
+    NUCLEUS_CANDIDATES,
+    ROW_BLOCK,
+    Engine,
+    Request,
+    _Linear,
+    request_seed,
+    sample_top_p,
+    unsupported,
+)
 from dadpo.generation import GenerationConfig, answer_records, generate_batch
 from dadpo.models import chat_end_token_ids
 
@@ -61,7 +70,8 @@ def test_greedy_tokens_equal_model_generate_on_smollm(smollm):
 def test_sampled_answers_do_not_depend_on_the_batch_or_the_shard(smollm, precision):
     """bf16 rounding turns any difference of summation order into a different sample, so this holds only
     because every row's numbers are computed the same way whatever else is in the batch (in bf16, products
-    of more than 32 rows round some rows differently, hence a batch of 48 there; float32 is invariant at 80)."""
+    of more than 32 rows round some rows differently, hence a batch of 48 there; float32, measured invariant
+    at 80 rows, keeps 32 prompts to save time)."""
     model, tok = smollm
     n = 48 if precision == "bfloat16" else 32
     recs = [_rec(i, f"Tell me one fact about the number {i}.") for i in range(n)]
@@ -123,6 +133,33 @@ def test_non_uniform_prune_greedy_and_a_growing_cache(smollm_dir):
     assert len(long_ids) + 24 > 256 and engine.cache.capacity >= len(long_ids) + 24
     assert got["long"] == _reference(model, tok, [long_q], 24)[0]
     assert got["a"] == _reference(model, tok, ["Hi"], 24)[0]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+def test_a_prepacked_product_takes_at_most_32_requests_and_one_prompt_whole(monkeypatch):
+    """Decode rows are requests and go in blocks of `ROW_BLOCK`; a prompt's tokens are one request and stay
+    one product, whatever its length (splitting it would round its prefill differently)."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(16, 24), torch.nn.Linear(16, 8, bias=False)]
+    fused = _Linear(layers, torch.bfloat16)
+    assert fused.packed is not None
+    calls, product = [], _Linear._packed_product
+
+    def counted(self, x):
+        calls.append(x.shape[0])  # requests in this product
+        return product(self, x)
+
+    monkeypatch.setattr(_Linear, "_packed_product", counted)
+    x = torch.randn(ROW_BLOCK + 8, 1, 16, dtype=torch.bfloat16)
+    gate, up = fused(x)
+    assert calls == [ROW_BLOCK, 8]
+    weight = torch.cat([m.weight for m in layers]).bfloat16()
+    bias = torch.cat([layers[0].bias, torch.zeros(8)]).bfloat16()
+    expected = torch.nn.functional.linear(x, weight, bias)
+    torch.testing.assert_close(torch.cat([gate, up], -1), expected, atol=0.05, rtol=0.02)
+    calls.clear()
+    fused.whole(x.view(1, ROW_BLOCK + 8, 16))
+    assert calls == [1]
 
 
 def test_precision_auto_is_bf16_only_for_sampling_on_amx(smollm, tmp_path):

@@ -209,7 +209,8 @@ def ctrl_c_raises():
     without job control inherits SIGINT ignored, and Python then leaves it ignored."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
-    signal.signal(signal.SIGINT, previous)
+    if previous is not None:  # None: installed outside Python, cannot be put back from here
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.usefixtures("ctrl_c_raises")

@@ -94,7 +94,7 @@ def unsupported(model) -> str | None:
 def resolve_precision(precision: str, model, temperature: float) -> str:
     """`auto` → `bfloat16` for sampled answers of a float32 model that the engine runs on a CPU with bf16
     matrix units (AMX), where bf16 matmuls are several times faster and oneDNN computes every row the same
-    way in products of up to `ROW_BLOCK` rows, the most the engine gives it (so answers stay
+    way in products of up to `ROW_BLOCK` requests, the most a decode step gives it (so answers stay
     batch-invariant); `model` (the model's own dtype) otherwise, so greedy answers equal `model.generate`'s.
     AVX512-BF16 CPUs (e.g. AMD Zen 4) are faster in bf16 too (2048³ on 2 cores: 74 → 284 GFLOP/s) but their
     kernels round a row differently at other batch sizes, so they get bf16 only when asked for (`bfloat16`:
@@ -169,6 +169,9 @@ class _Linear:
                                                                                       strict=True)]).to(dtype)
             self.parts = [(weight, bias)]
             if weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
+                # packed for batches of 32 rows. The ROW_BLOCK limit is the kernel's, not this hint's (hints
+                # 32, 64 and 128 all round rows differently past 32); a hint of 1 does not, but it rounds
+                # prompts of more than 32 tokens differently, which would change every sampled answer
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -355,10 +358,11 @@ class Engine:
             x = self._cast(layer.module.input_layernorm(hidden))
             qkv = layer.qkv.whole(x)
             # queries and keys rotated in one pass (elementwise: each value is what rotating them apart gives)
-            qk = qkv[..., : (layer.heads + layer.kv_heads) * layer.head_dim].unflatten(-1, (-1, layer.head_dim))
+            width = (layer.heads + layer.kv_heads) * layer.head_dim
+            qk = qkv[..., :width].unflatten(-1, (-1, layer.head_dim))
             qk = self._cast(qk * cos + _rotate_half(qk) * sin).transpose(1, 2)
             q, k = qk[:, : layer.heads], qk[:, layer.heads:]
-            v = qkv[..., qk.shape[1] * layer.head_dim:].unflatten(-1, (-1, layer.head_dim)).transpose(1, 2)
+            v = qkv[..., width:].unflatten(-1, (-1, layer.head_dim)).transpose(1, 2)
             hidden = hidden + layer.o(attend(i, layer, q, k, v))[0]
             x = self._cast(layer.module.post_attention_layernorm(hidden))
             gate, up = layer.gate_up(x)
