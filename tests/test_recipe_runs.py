@@ -162,7 +162,6 @@ def test_recipe_with_two_processes_matches_one_process_and_resumes_after_a_kill(
     such difference into other tokens; sampled answers are compared where the weights are the same (the
     teacher and the prune)."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -225,12 +224,41 @@ def test_recipe_with_two_processes_matches_one_process_and_resumes_after_a_kill(
     while sum(len(p.read_text().splitlines()) for p in parts.glob("teacher.jsonl.part.*")) < 6:
         assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_torchrun(proc)
     assert not (parts / "teacher.jsonl").exists()  # killed during generation
     r = run(killed, 2)
     assert "prune: up to date" in r.stdout and "recover: resuming" in r.stdout
     assert _answers(killed) == got  # the trained student too: two processes train the same way every time
+
+
+def _kill_torchrun(proc) -> None:
+    """SIGKILL `torchrun` and its workers and wait until they are gone. torchrun starts each worker in a
+    session of its own, so killing torchrun's process group alone leaves the workers running: they would
+    finish the killed job beside the resumed one, in the same folder."""
+    import contextlib
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for w in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            w.kill()
+    proc.wait()
+
+    def alive(w) -> bool:
+        try:
+            return w.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.time() + 60
+    while any(alive(w) for w in workers):
+        assert time.time() < deadline, "torchrun's workers outlived SIGKILL"
+        time.sleep(0.05)
 
 
 def test_bench_with_two_processes(tmp_path, smollm, data_aliases):
