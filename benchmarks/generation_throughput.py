@@ -70,7 +70,7 @@ def engine_ids(model, tok, convs, settings, bs, new_tokens, end_ids, precision="
     bf16 = resolve_precision(precision, model, settings["temperature"]) == "bfloat16"
     engine = Engine(model, end_ids, slots=bs, max_new_tokens=new_tokens, bf16=bf16, **settings)
     ids = [tok(chat_prompt(tok, c), add_special_tokens=False)["input_ids"] for c in convs]
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # as generate_to_file orders prompts
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first, as generate_to_file does
     out = {r.key: r.tokens for r in engine.stream(deque(Request(i, ids[i], request_seed(0, i)) for i in order))}
     return out, time.perf_counter() - t
 
