@@ -96,9 +96,9 @@ def test_bench_on_tiny_models_then_rerun_skips_everything(tmp_path, smollm, data
 
 
 def test_run_killed_during_recover_resumes_without_redoing_prune_or_generation(tmp_path, smollm, data_aliases):
-    """`dadpo run`, SIGKILLed while recover trains, then the same command: prune is skipped, teacher and
-    student answers are not regenerated, training resumes from its checkpoint, and the final metrics equal
-    an uninterrupted run's (abs tol 1e-4)."""
+    """`dadpo run`, SIGKILLed while recover trains, then the same command (refused while the first one lives):
+    prune is skipped, teacher and student answers are not regenerated, training resumes from its checkpoint,
+    and the final metrics equal an uninterrupted run's (abs tol 1e-4)."""
     import os
     import signal
     import subprocess
@@ -123,6 +123,10 @@ def test_run_killed_during_recover_resumes_without_redoing_prune_or_generation(t
     while not any(int(p.name.split("-")[1]) >= 6 for p in ckpts.glob("checkpoint-*")):
         assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
         time.sleep(0.05)
+    proc.send_signal(signal.SIGSTOP)  # paused, it still holds its output: the same command is refused meanwhile
+    second = subprocess.run(cmd(out), env=env, capture_output=True, text=True)
+    assert second.returncode == 2 and f"is in use by another dadpo run (pid {proc.pid} on " in second.stderr, \
+        second.stderr[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "recover" / MANIFEST).exists()  # recover was not finished (24 daDPO steps in all)

@@ -80,7 +80,7 @@ def cmd_generate(args) -> int:
     from dadpo.decoding import GenerationConfig
     from dadpo.distributed import rank_and_world
     from dadpo.generation import check_answers_out, generate_to_file
-    from dadpo.io import check_out_path
+    from dadpo.io import check_out_path, hold_output
     from dadpo.models import load_model, model_stamp, resolve_model
     from dadpo.settings import flag_name, validated
 
@@ -99,16 +99,18 @@ def cmd_generate(args) -> int:
     rank, world = rank_and_world()
     if world > 1:
         logging.getLogger("dadpo").info("answering %d prompts across %d processes", len(records), world)
-    model, tok = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     if args.prompt:
         from dadpo.generation import answer_records
 
+        model, tok = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
         rows = answer_records(model, tok, records, cfg)
         for row in rows if rank == 0 else []:
             print(row["response"] + "\n")
         return 0
-    rows = generate_to_file(model, tok, records, cfg, args.out, model_name=model_stamp(args.model),
-                            overwrite=args.overwrite)
+    with hold_output(args.out, "--out"):
+        model, tok = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        rows = generate_to_file(model, tok, records, cfg, args.out, model_name=model_stamp(args.model),
+                                overwrite=args.overwrite)
     n_tok = sum(r["new_tokens"] for r in rows)
     if rank == 0:
         print(f"wrote {len(rows)} answers ({n_tok} new tokens) to {args.out}")

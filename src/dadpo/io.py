@@ -140,6 +140,95 @@ def check_removable(path: Path, what: str) -> None:
                          "dadpo never deletes those")
 
 
+#: a run's hold on its output is this file beside the output (see `hold_output`)
+LOCK_SUFFIX = ".dadpo-lock"
+_LOCK_HEADER = "dadpo run: "
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of output `path`: `.NAME.dadpo-lock` beside it (beside, not inside, so that replacing or
+    deleting the output folder never drops a hold)."""
+    path = Path(path).absolute()
+    return path.parent / f".{path.name}{LOCK_SUFFIX}"
+
+
+@contextmanager
+def hold_output(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold output `path` (given as `what`, e.g. `--out`) for the block, so a second dadpo run writing there
+    fails with one line naming the run that holds it instead of interleaving its writes with this one's.
+
+    The hold is an exclusive `flock` on `lock_path(path)`. The kernel lets go of it when the process ends,
+    however it ends (kill -9 included), so a killed run leaves nothing to clear by hand and its rerun resumes.
+    The file is removed when the block ends, by its holder only, once it has checked that the file is still
+    the one it locked. A non-empty file of that name that dadpo did not write is refused and left alone. Under N
+    processes the main process holds it for all of them, and all of them fail when it cannot."""
+    from dadpo.distributed import agree, is_main
+
+    fd, error = None, None
+    if is_main():
+        try:
+            fd = _lock(lock_path(path), what, path)
+        except DadpoError as e:
+            error = str(e)
+    if (error := agree(error)) is not None:
+        raise DadpoError(error)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            _unlock(lock_path(path), fd)
+
+
+def _lock(lock: Path, what: str, path) -> int:
+    """An open descriptor holding `lock` exclusively, with this process's line written in it."""
+    import fcntl
+    import socket
+
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise DadpoError(f"{what} {path}: cannot make its lock file {lock}: {e.strerror or e}") from None
+        try:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            if holder and not holder.startswith(_LOCK_HEADER):
+                raise DadpoError(f"{what} {path}: {lock} exists and dadpo did not write it; move it away")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                who = holder.removeprefix(_LOCK_HEADER) or "a process that is starting"
+                raise DadpoError(f"{what} {path} is in use by another dadpo run ({who}); wait for it to end "
+                                 f"or choose another {what}") from None
+            if not _same_file(fd, lock):  # its holder removed it after we opened it: lock the new one
+                os.close(fd)
+                continue
+            line = f"{_LOCK_HEADER}pid {os.getpid()} on {socket.gethostname()}\n".encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, line, 0)
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _unlock(lock: Path, fd: int) -> None:
+    """Remove the lock file while still holding it (a run that opened it since sees it gone and locks a new
+    one), then let go."""
+    try:
+        if _same_file(fd, lock):
+            lock.unlink()
+    finally:
+        os.close(fd)
+
+
 def read_text(path: str | os.PathLike, what: str) -> str:
     """The UTF-8 text of file `path`, given as `what` (e.g. `recipe`, `--config`, `dataset`); every way it can
     be unreadable (missing, a folder, no permission, not UTF-8) is one DadpoError line naming the file."""

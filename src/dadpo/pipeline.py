@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from dadpo.distributed import agree, barrier, init_from_env, is_main, on_main
 from dadpo.errors import DadpoError
-from dadpo.io import atomic_write_json, check_removable, read_json_object
+from dadpo.io import atomic_write_json, check_removable, hold_output, read_json_object
 from dadpo.reuse import content_key
 
 if TYPE_CHECKING:
@@ -437,6 +437,7 @@ def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print, stages: list
     preflight(recipe, stages)
     init_from_env()  # under torchrun / accelerate launch: the stages split their work across the processes
     out = Path(recipe.output_dir)
-    on_main(lambda: (out.mkdir(parents=True, exist_ok=True),
-                     atomic_write_json(out / RECIPE_RECORD, recipe.model_dump(mode="json"))))
-    return run_stages(out, stages, echo)
+    with hold_output(out, "output_dir"):
+        on_main(lambda: (out.mkdir(parents=True, exist_ok=True),
+                         atomic_write_json(out / RECIPE_RECORD, recipe.model_dump(mode="json"))))
+        return run_stages(out, stages, echo)

@@ -124,6 +124,7 @@ def cmd_bench(args) -> int:
     import sys
 
     from dadpo.bench import check_bench_dir, write_bench
+    from dadpo.io import hold_output
     from dadpo.pipeline import BENCH_METHODS, bench_plan, run_recipe, split_methods
     from dadpo.recipe import load_recipe
 
@@ -140,8 +141,9 @@ def cmd_bench(args) -> int:
     check_bench_dir(Path(recipe.output_dir) / "bench")
     results = run_recipe(recipe, stages=stages)
     command = "dadpo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    if is_main():
-        print(write_bench(Path(recipe.output_dir) / "bench", results["bench/evaluate"], command))
+    with hold_output(recipe.output_dir, "output_dir"):
+        if is_main():
+            print(write_bench(Path(recipe.output_dir) / "bench", results["bench/evaluate"], command))
     return 0
 
 

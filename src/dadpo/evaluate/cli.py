@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dadpo.decoding import DecodingConfig
 from dadpo.errors import DadpoError
-from dadpo.io import check_out_path, read_yaml
+from dadpo.io import check_out_path, hold_output, read_yaml
 from dadpo.settings import add_config_flags, default_text, field_help, validated
 
 _DESCRIPTION = """\
@@ -191,7 +191,8 @@ def cmd_evaluate(args) -> int:
     # the key variable typed on this command line may have any name; one from --config may not
     config = validated(EvalConfig, build_config(args), context={TYPED_KEY_ENV: args.judge_api_key_env})
     check_out_path(args.out, "--out", folder=True)
-    results = run_evaluate(students, args.teacher, args.out, config)
+    with hold_output(args.out, "--out"):
+        results = run_evaluate(students, args.teacher, args.out, config)
     if not is_main():
         return 0
     for name, sets in results["pairwise"].items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dadpo.errors import ConfigError
-from dadpo.io import check_out_path
+from dadpo.io import check_out_path, hold_output
 from dadpo.settings import add_config_flags, as_flag_error, flag_name, validated
 
 #: the PruneConfig fields that are flags (the rest — sample prompt, perplexity corpus — are recipe keys)
@@ -44,13 +44,14 @@ def cmd_prune(args) -> int:
     # the pruned model is made beside --out and renamed onto it: both places must take writes, and this is
     # known now, not after minutes of pruning
     check_out_path(args.out, "--out", folder=True, replaced=True)
-    if not is_main():  # under torchrun / accelerate launch: one process prunes, the others have nothing to do
-        return 0
-    try:
-        r = prune_to_dir(args.model, args.out, config, overwrite=args.overwrite, dtype=args.dtype,
-                         trust_remote_code=args.trust_remote_code)
-    except ConfigError as e:
-        raise as_flag_error(e, {f"prune.{f}": flag_name(f) for f in FLAGS}) from None
+    with hold_output(args.out, "--out"):
+        if not is_main():  # under torchrun / accelerate launch: one process prunes, the others have nothing to do
+            return 0
+        try:
+            r = prune_to_dir(args.model, args.out, config, overwrite=args.overwrite, dtype=args.dtype,
+                             trust_remote_code=args.trust_remote_code)
+        except ConfigError as e:
+            raise as_flag_error(e, {f"prune.{f}": flag_name(f) for f in FLAGS}) from None
     ppl = [r[k].get("perplexity") for k in ("before", "after")]
     ppl_text = f", perplexity {ppl[0]['ppl']:.2f} → {ppl[1]['ppl']:.2f}" if all(ppl) else ""
     print(f"removed {100 * r['ratio_achieved']:.2f}% of parameters ({r['params_before']['total']:,} → "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dadpo.io import check_out_path
+from dadpo.io import check_out_path, hold_output
 from dadpo.recover.config import DSFTConfig, KDConfig, LoraConfig, RecoverConfig, SamplingConfig
 from dadpo.settings import add_config_flags, field_help, flag_name
 
@@ -83,7 +83,8 @@ def cmd_recover(args) -> int:
 
     cfg = config_from_args(args)
     check_out_path(args.out, "--out", folder=True)
-    metrics = run_recover(args.student, args.teacher, args.prompts, args.out, cfg, overwrite=args.overwrite)
+    with hold_output(args.out, "--out"):
+        metrics = run_recover(args.student, args.teacher, args.prompts, args.out, cfg, overwrite=args.overwrite)
     if is_main():
         print(f"recovered model in {args.out}/model; metrics: {metrics}")
     return 0
