@@ -91,6 +91,45 @@ def test_sampled_answers_do_not_depend_on_the_batch_or_the_shard(smollm, precisi
     assert [r["response"] for r in shuffled] == runs[0][::-1][:5]  # nor on which prompts come with it
 
 
+@pytest.mark.parametrize("precision", ["model", pytest.param("bfloat16", marks=pytest.mark.skipif(
+    not torch.cpu._is_amx_tile_supported(), reason="bf16 is batch-invariant on AMX kernels only (resolve_precision)"))])
+def test_a_sampled_rows_logits_are_bit_identical_alone_and_in_any_batch(smollm, precision, monkeypatch):
+    """The guarantee under the test above, where a difference cannot hide: every logit a request gets at every
+    step is bit-identical at 1, 3 and 7 slots. A row's different last bit changes its sample only rarely,
+    so equal answers over a few prompts prove little: MKL's float32 products round a row differently at
+    different row counts on some CPUs (AMD EPYC), which changed 1 of 64 sampled answers of 48 tokens."""
+    model, tok = smollm
+    seen: dict[int, dict[int, list[torch.Tensor]]] = {}
+    logits_of = Engine._logits
+
+    def recording(self, hidden):
+        logits = logits_of(self, hidden)
+        rows = recording.rows
+        for row, row_logits in zip(rows, logits, strict=True):
+            seen[self.slots].setdefault(row.request.seed, []).append(row_logits.clone())
+        return logits
+
+    sample = Engine._sample
+
+    def sampling(self, hidden, rows):
+        recording.rows = rows
+        return sample(self, hidden, rows)
+
+    monkeypatch.setattr(Engine, "_logits", recording)
+    monkeypatch.setattr(Engine, "_sample", sampling)
+    recs = [_rec(i, q) for i, q in enumerate(QUESTIONS[:7])]
+    for slots in (1, 3, 7):
+        seen[slots] = {}
+        answer_records(model, tok, recs, GenerationConfig(max_new_tokens=12, temperature=1.0, seed=5,
+                                                          batch_size=slots, precision=precision))
+    assert len(seen[1]) == 7
+    for slots in (3, 7):
+        assert seen[slots].keys() == seen[1].keys()
+        for seed, steps in seen[1].items():
+            assert len(seen[slots][seed]) == len(steps)
+            assert all(torch.equal(a, b) for a, b in zip(steps, seen[slots][seed], strict=True)), (slots, seed)
+
+
 def _pruned_tiny(tok_dir: Path, seed: int = 0):
     """A random 3-layer non-uniform prune (per-layer MLP widths, query and key/value heads), as dadpo saves."""
     import dadpo.modeling_dadpo_pruned  # noqa: F401  (registers the pruned classes)
@@ -141,7 +180,7 @@ def test_a_prepacked_product_takes_at_most_32_requests_and_one_prompt_whole(monk
     one product, whatever its length (splitting it would round its prefill differently)."""
     torch.manual_seed(0)
     layers = [torch.nn.Linear(16, 24), torch.nn.Linear(16, 8, bias=False)]
-    fused = _Linear(layers, torch.bfloat16)
+    fused = _Linear(layers, torch.bfloat16, True)
     assert fused.packed is not None
     calls, product = [], _Linear._packed_product
 

@@ -153,22 +153,25 @@ class _SlotCache:
 
 
 class _Linear:
-    """Projections that read one input: with the model's own weights, one product each; in bf16, one product
-    for all of them on a concatenated bfloat16 copy that oneDNN prepacks once for the CPU's matrix units
-    (repacking a plain weight on every call costs about as much as the product itself)."""
+    """Projections that read one input. With the model's own weights, one product each, as transformers
+    computes them. `packed`: one product for all of them on a concatenated copy (bfloat16 with `dtype`, else
+    the model's float32) that oneDNN prepacks once, whose rows come out the same whatever else is in the
+    product (up to `ROW_BLOCK` rows); oneDNN also multiplies faster with it, and repacking a plain weight on
+    every call would cost about as much as the product itself."""
 
-    def __init__(self, modules: list[torch.nn.Linear], dtype: torch.dtype | None):
+    def __init__(self, modules: list[torch.nn.Linear], dtype: torch.dtype | None, packed: bool):
         self.sizes = [m.out_features for m in modules]
         self.parts = [(m.weight, m.bias) for m in modules]
         self.packed = None
-        if dtype is not None:
-            weight = torch.cat([m.weight.detach() for m in modules]).to(dtype)
+        onednn = modules[0].weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+        if dtype is not None or (packed and onednn):
+            weight = torch.cat([m.weight.detach() for m in modules]).to(dtype or modules[0].weight.dtype)
             biases = [m.bias for m in modules]
             bias = None if all(b is None for b in biases) else torch.cat(
                 [b.detach() if b is not None else weight.new_zeros(n) for b, n in zip(biases, self.sizes,
-                                                                                      strict=True)]).to(dtype)
+                                                                                      strict=True)]).to(weight.dtype)
             self.parts = [(weight, bias)]
-            if weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
+            if onednn:
                 # packed for batches of 32 rows. The ROW_BLOCK limit is the kernel's, not this hint's (hints
                 # 32, 64 and 128 all round rows differently past 32); a hint of 1 does not, but it rounds
                 # prompts of more than 32 tokens differently, which would change every sampled answer
@@ -192,8 +195,13 @@ class _Linear:
         return torch.cat([self._packed_product(part) for part in x.split(ROW_BLOCK)])
 
     def _packed_product(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.parts[0][1], "none",
-                                                  [], "").view(*x.shape[:-1], -1)
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] == 1 and flat.dtype == torch.float32:
+            # oneDNN multiplies one float32 row another way than two or more (measured for 1,536 inputs),
+            # so a lone row goes with a copy of itself
+            return self._packed_product(torch.cat([flat, flat]))[:1].view(*x.shape[:-1], -1)
+        return torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.parts[0][1], "none", [],
+                                                  "").view(*x.shape[:-1], -1)
 
 
 @dataclass
@@ -211,11 +219,15 @@ class _Layer:
     scaling: float
 
     @classmethod
-    def of(cls, layer, dtype: torch.dtype | None) -> _Layer:
+    def of(cls, layer, dtype: torch.dtype | None, packed: bool) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         d = attn.head_dim
-        return cls(layer, _Linear([attn.q_proj, attn.k_proj, attn.v_proj], dtype), _Linear([attn.o_proj], dtype),
-                   _Linear([mlp.gate_proj, mlp.up_proj], dtype), _Linear([mlp.down_proj], dtype),
+
+        def linear(*modules):
+            return _Linear(list(modules), dtype, packed)
+
+        return cls(layer, linear(attn.q_proj, attn.k_proj, attn.v_proj), linear(attn.o_proj),
+                   linear(mlp.gate_proj, mlp.up_proj), linear(mlp.down_proj),
                    attn.q_proj.out_features // d, attn.k_proj.out_features // d, d, attn.scaling)
 
 
@@ -224,10 +236,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _sdpa(q, k, v, layer: _Layer, *, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+def _sdpa(q, k, v, layer: _Layer, *, causal: bool = False, mask: torch.Tensor | None = None,
+          row_invariant: bool = False) -> torch.Tensor:
     """Scaled dot-product attention as transformers' sdpa integration calls it, as `[n, t, heads·head_dim]`:
     a prompt attends causally with grouped key/value heads; a decode step (one query per row, `mask` of the
-    visible positions) packs each key/value head's query heads as its queries."""
+    visible positions) packs each key/value head's query heads as its queries. `row_invariant` (a decode
+    step): softmax(q·kᵀ)·v written out in batched products, each row's alone, because torch's float32 CPU
+    kernel splits its sums by the number of rows and so rounds a row differently in another batch."""
     n, _, t, d = q.shape
     groups = layer.heads // layer.kv_heads
     if mask is None:
@@ -235,7 +250,11 @@ def _sdpa(q, k, v, layer: _Layer, *, causal: bool = False, mask: torch.Tensor | 
             q, k, v, scale=layer.scaling, is_causal=causal and t > 1, **({"enable_gqa": True} if groups > 1 else {}))
     else:
         packed = q.reshape(n, layer.kv_heads, groups, d) if groups > 1 else q
-        out = torch.nn.functional.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=layer.scaling)
+        if row_invariant:
+            scores = torch.matmul(packed, k.transpose(-1, -2)).mul_(layer.scaling).masked_fill_(~mask, -math.inf)
+            out = torch.matmul(torch.softmax(scores, -1), v)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=layer.scaling)
         out = out.reshape(n, -1, t, d)
     return out.transpose(1, 2).reshape(n, t, -1)
 
@@ -256,9 +275,14 @@ class Engine:
         self.end_ids = set(end_ids)
         self.device = next(model.parameters()).device
         self.compute_dtype = torch.bfloat16 if bf16 else None
-        self.layers = [_Layer.of(layer, self.compute_dtype)
+        # sampled: prepacked products, so that a row's numbers (and its sample) never depend on the batch;
+        # float32 greedy: the model's own products, whose tokens equal model.generate's
+        packed = bf16 or temperature > 0
+        # bf16 attention rounds a row the same in any batch (measured); float32's needs `_sdpa`'s row_invariant
+        self.row_invariant_attention = packed and not bf16
+        self.layers = [_Layer.of(layer, self.compute_dtype, packed)
                        for layer in model.model.layers[: model.config.num_hidden_layers]]
-        self.head = _Linear([model.lm_head], self.compute_dtype)
+        self.head = _Linear([model.lm_head], self.compute_dtype, packed)
         self.cache = _SlotCache(slots, len(self.layers))
 
     @torch.inference_mode()
@@ -331,7 +355,8 @@ class Engine:
             keys, values = self.cache.k[i], self.cache.v[i]
             if len(groups) == 1:
                 _, span, mask = groups[0]
-                return _sdpa(q, keys[:n, :, :span], values[:n, :, :span], layer, mask=mask)
+                return _sdpa(q, keys[:n, :, :span], values[:n, :, :span], layer, mask=mask,
+                             row_invariant=self.row_invariant_attention)
             out = q.new_empty(n, 1, layer.heads * layer.head_dim)
             for rows_of, span, mask in groups:
                 k_g, v_g = keys[:, :, :span], values[:, :, :span]
@@ -339,7 +364,7 @@ class Engine:
                     k_g, v_g = k_g[rows_of], v_g[rows_of]
                 else:
                     k_g, v_g = k_g.index_select(0, rows_of), v_g.index_select(0, rows_of)
-                out[rows_of] = _sdpa(q[rows_of], k_g, v_g, layer, mask=mask)
+                out[rows_of] = _sdpa(q[rows_of], k_g, v_g, layer, mask=mask, row_invariant=self.row_invariant_attention)
             return out
 
         hidden = self._forward(ids, positions[:, None], attend)
@@ -377,7 +402,7 @@ class Engine:
         top `NUCLEUS_CANDIDATES` of each row, where argmax and nucleus are decided, are recomputed exactly
         from the float32 weights."""
         if self.compute_dtype is None:
-            return self.model.lm_head(hidden).float()
+            return self.head.whole(hidden[:, None])[:, 0].float()
         approx = self.head(hidden[:, None].to(self.compute_dtype))[0][:, 0].float()
         top = approx.topk(NUCLEUS_CANDIDATES, dim=-1).indices
         lm = self.model.lm_head
