@@ -5,7 +5,8 @@ Usage:
         [--limit 64] [--seeds 10,20,30] [--temperature 1.0] [--top-p 1.0] [--batch-size 32]
 
 Answers every prompt once per seed (≤ 128 new tokens, stopping at the end-of-turn token, as evaluation
-does), the seeds one after another, and prints tokens/s with the wall time spent in `Engine._prefill`
+does) twice: the seeds one after another, then all of them from one queue as evaluation does (and checks
+that both give the same answers). For each, it prints tokens/s with the wall time spent in `Engine._prefill`
 (one prompt at a time) and `Engine._decode` (one token for every active row), the number of decode steps
 and their mean active rows and attention spans (see `Engine._decode`).
 """
@@ -20,7 +21,7 @@ from collections import Counter
 import dadpo.engine as engine
 from dadpo.data import chat_prompt, load_prompts
 from dadpo.decoding import GenerationConfig
-from dadpo.generation import iter_answers
+from dadpo.generation import answer_stream, iter_answers
 from dadpo.models import load_model
 
 seconds, calls, rows, spans = Counter(), Counter(), Counter(), Counter()
@@ -59,21 +60,32 @@ def main() -> None:
           f"longest {lengths[-1]}")
     timed("_prefill")
     timed("_decode")
-    t0, tokens = time.perf_counter(), 0
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        t = time.perf_counter()
-        cfg = GenerationConfig(max_new_tokens=128, temperature=args.temperature, top_p=args.top_p,
-                               batch_size=args.batch_size, seed=seed)
-        new = sum(row["new_tokens"] for row in iter_answers(model, tok, records, cfg))
-        tokens += new
-        print(f"seed {seed}: {new} new tokens in {time.perf_counter() - t:.1f} s "
-              f"({new / (time.perf_counter() - t):.1f} tokens/s)")
-    wall = time.perf_counter() - t0
-    print(f"all seeds: {tokens} tokens in {wall:.1f} s ({tokens / wall:.1f} tokens/s); prefill "
-          f"{seconds['_prefill']:.1f} s in {calls['_prefill']} calls; decode {seconds['_decode']:.1f} s in "
-          f"{calls['_decode']} steps ({1000 * seconds['_decode'] / calls['_decode']:.0f} ms a step, "
-          f"{rows['all'] / calls['_decode']:.1f} rows, {spans['all'] / calls['_decode']:.1f} attention spans)")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    cfgs = [GenerationConfig(max_new_tokens=128, temperature=args.temperature, top_p=args.top_p,
+                             batch_size=args.batch_size, seed=seed) for seed in seeds]
+    # seeds one after another (each queue drains at its end), then every seed's prompts in one queue
+    apart = report("seeds one after another", lambda: {
+        (c.seed, row["id"]): row for c in cfgs for row in iter_answers(model, tok, records, c)})
+    together = report("one queue", lambda: {
+        (seeds[k // len(records)], row["id"]): row
+        for k, row in answer_stream(model, tok, records * len(seeds), cfgs[0], [s for s in seeds for _ in records])})
+    print(f"same answers both ways: {apart == together}")
 
+
+def report(what: str, answer) -> dict:
+    """Run `answer` (→ its rows), print its wall time, tokens/s and the engine timers; the rows."""
+    for c in (seconds, calls, rows, spans):
+        c.clear()
+    t0 = time.perf_counter()
+    answers = answer()
+    wall = time.perf_counter() - t0
+    tokens = sum(row["new_tokens"] for row in answers.values())
+    print(f"{what}: {len(answers)} answers, {tokens} new tokens in {wall:.1f} s ({tokens / wall:.1f} tokens/s); "
+          f"prefill {seconds['_prefill']:.1f} s in {calls['_prefill']} calls; decode {seconds['_decode']:.1f} s "
+          f"in {calls['_decode']} steps ({1000 * seconds['_decode'] / calls['_decode']:.0f} ms a step, "
+          f"{rows['all'] / calls['_decode']:.1f} rows, {spans['all'] / calls['_decode']:.1f} attention spans)",
+          flush=True)
+    return answers
 
 if __name__ == "__main__":
     main()

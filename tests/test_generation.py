@@ -8,7 +8,7 @@ import pytest
 
 from dadpo.data import PromptRecord, load_prompts
 from dadpo.errors import DadpoError
-from dadpo.generation import GenerationConfig, answer_records, generate_to_file
+from dadpo.generation import AnswerJob, GenerationConfig, answer_records, generate_to_file, generate_to_files
 
 
 def _rec(i, *turns):
@@ -65,17 +65,17 @@ def test_resume_after_interruption_and_settings_guard(smollm, tmp_path):
     calls = []
     import dadpo.generation as gen
 
-    orig = gen.iter_answers
+    orig = gen.answer_stream
 
-    def counting(model, tok, batch, cfg):
+    def counting(model, tok, batch, cfg, seeds=None):
         calls.append([r.id for r in batch])
-        return orig(model, tok, batch, cfg)
+        return orig(model, tok, batch, cfg, seeds)
 
-    gen.iter_answers = counting
+    gen.answer_stream = counting
     try:
         resumed = generate_to_file(model, tok, recs, cfg, out, model_name="m", progress=False)
     finally:
-        gen.iter_answers = orig
+        gen.answer_stream = orig
     done_before = {json.loads(line)["id"] for line in lines[:2]}
     assert sorted(i for c in calls for i in c) == sorted({str(i) for i in range(5)} - done_before)
     assert [r["response"] for r in resumed] == [r["response"] for r in full]
@@ -85,6 +85,45 @@ def test_resume_after_interruption_and_settings_guard(smollm, tmp_path):
     again = generate_to_file(model, tok, recs[:2], GenerationConfig(max_new_tokens=9), out, model_name="m",
                              overwrite=True, progress=False)
     assert len(again) == 2 and len(out.read_text().splitlines()) == 2
+
+
+def test_files_answered_from_one_queue_get_the_rows_they_get_alone_and_resume_apart(smollm, tmp_path):
+    """Two seeds × two sets (a prompt shared by both sets) from one engine queue: every file holds exactly
+    what `generate_to_file` writes for it alone. A rerun answers only what is missing: the finished file is
+    left as it is, the interrupted one (two rows in its part file) gets its other prompts."""
+    model, tok = smollm
+    sets = {"a": [_rec(i, f"Name a fruit that starts with {c}.") for i, c in enumerate("ABCDE")],
+            "b": [_rec(0, "Name a fruit that starts with A."), _rec(9, "Tell me a two-line poem.", "Again.")]}
+    jobs = [AnswerJob(recs, GenerationConfig(max_new_tokens=10, temperature=1.0, batch_size=3, seed=seed),
+                      tmp_path / f"{s}.seed{seed}.jsonl") for s, recs in sets.items() for seed in (1, 2)]
+    alone = [generate_to_file(model, tok, j.records, j.cfg, tmp_path / "alone" / j.out.name, model_name="m",
+                              progress=False) for j in jobs]
+    together = generate_to_files(model, tok, jobs, model_name="m", progress=False)
+    assert together == alone
+    assert [j.out.read_text() for j in jobs] == [(tmp_path / "alone" / j.out.name).read_text() for j in jobs]
+    assert together[0] != together[1]  # the seeds differ
+
+    finished = jobs[0].out.stat().st_mtime_ns
+    lines = jobs[1].out.read_text().splitlines(keepends=True)
+    jobs[1].out.unlink()
+    jobs[1].out.with_name(jobs[1].out.name + ".part").write_text("".join(lines[:2]))
+    import dadpo.generation as gen
+
+    calls, orig = [], gen.answer_stream
+
+    def counting(model, tok, batch, cfg, seeds=None):
+        calls.append([r.id for r in batch])
+        return orig(model, tok, batch, cfg, seeds)
+
+    gen.answer_stream = counting
+    try:
+        assert generate_to_files(model, tok, jobs, model_name="m", progress=False) == alone
+    finally:
+        gen.answer_stream = orig
+    assert sorted(calls[0]) == ["2", "3", "4"] and jobs[0].out.stat().st_mtime_ns == finished
+    with pytest.raises(ValueError, match="more than their seed"):
+        generate_to_files(model, tok, [jobs[0], AnswerJob(jobs[1].records, GenerationConfig(max_new_tokens=9),
+                                                          jobs[1].out)], model_name="m")
 
 
 @pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"temperature": -1}, {"temperature": float("inf")},

@@ -16,6 +16,7 @@ import re
 import shutil
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,8 +71,9 @@ class _Dialog:
     user turn that has no reply yet, which is then the turn to answer (MT-bench's turn 2 follows the
     model's own turn-1 answer)."""
 
-    def __init__(self, record: PromptRecord):
+    def __init__(self, record: PromptRecord, seed: int):
         self.record = record
+        self.run_seed = seed
         self.messages: list[dict] = []
         self.pending = list(record.messages)
         self.answers: list[str] = []
@@ -92,9 +94,9 @@ class _Dialog:
         self.tokens += tokens
         self.finished = self.finished and stopped
 
-    def seed(self, seed: int) -> int:
+    def seed(self) -> int:
         """The sampling seed of the turn being answered: the run's seed, the prompt id and the turn."""
-        return request_seed(seed, self.record.id, len(self.answers))
+        return request_seed(self.run_seed, self.record.id, len(self.answers))
 
     def row(self) -> dict:
         r = self.record
@@ -105,17 +107,28 @@ class _Dialog:
 
 
 def iter_answers(model, tok, records: list[PromptRecord], cfg: GenerationConfig) -> Iterator[dict]:
-    """Answer every open user turn of each record; yield each record's row as soon as it is complete (in
-    no fixed order). Llama-family models run on the continuous-batching engine with `cfg.batch_size`
-    slots; others on `model.generate`. A sampled answer depends only on (seed, prompt id, turn, settings)."""
+    """Answer every open user turn of each record under `cfg.seed`; yield each record's row as soon as it is
+    complete (in no fixed order). See `answer_stream`."""
+    for _, row in answer_stream(model, tok, records, cfg):
+        yield row
+
+
+def answer_stream(model, tok, records: list[PromptRecord], cfg: GenerationConfig,
+                  seeds: list[int] | None = None) -> Iterator[tuple[int, dict]]:
+    """Answer every open user turn of each record, record k sampled under `seeds[k]` (default: `cfg.seed`
+    for all); yield (k, its row) as soon as it is complete. Llama-family models run on the continuous-
+    batching engine with `cfg.batch_size` slots, every record in one queue (the same prompt may come under
+    several seeds); others on `model.generate`. A sampled answer depends only on (seed, prompt id, turn,
+    settings), never on the other records."""
     cfg = resolved(cfg, model)
+    seeds = [cfg.seed] * len(records) if seeds is None else seeds
     reason = unsupported(model)
     if reason:
         log.debug("model.generate path: %s", reason)
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16"):
-            yield from _hf_answers(model, tok, records, cfg)
+            yield from _hf_answers(model, tok, records, seeds, cfg)
     else:
-        yield from _engine_answers(model, tok, records, cfg)
+        yield from _engine_answers(model, tok, records, seeds, cfg)
 
 
 def resolved(cfg: GenerationConfig, model) -> GenerationConfig:
@@ -130,20 +143,21 @@ def answer_records(model, tok, records: list[PromptRecord], cfg: GenerationConfi
     return [rows[r.id] for r in records]
 
 
-def _engine_answers(model, tok, records: list[PromptRecord], cfg: GenerationConfig) -> Iterator[dict]:
+def _engine_answers(model, tok, records: list[PromptRecord], seeds: list[int], cfg: GenerationConfig
+                    ) -> Iterator[tuple[int, dict]]:
     engine = Engine(model, chat_end_token_ids(tok), slots=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                     temperature=cfg.temperature, top_p=cfg.top_p, bf16=cfg.precision == "bfloat16")
-    dialogs = [_Dialog(r) for r in records]
+    dialogs = [_Dialog(r, s) for r, s in zip(records, seeds, strict=True)]
 
     def request(k: int, conversation: list[dict]) -> Request:
         ids = tok(chat_prompt(tok, conversation), add_special_tokens=False)["input_ids"]
-        return Request(k, ids, dialogs[k].seed(cfg.seed))
+        return Request(k, ids, dialogs[k].seed())
 
     queue: deque[Request] = deque()
     for k, d in enumerate(dialogs):
         conversation = d.next_turn()
         if conversation is None:
-            yield d.row()
+            yield k, d.row()
         else:
             queue.append(request(k, conversation))
     for done in engine.stream(queue):
@@ -151,29 +165,40 @@ def _engine_answers(model, tok, records: list[PromptRecord], cfg: GenerationConf
         d.add(_text(tok, done.tokens), len(done.tokens), done.stopped)
         conversation = d.next_turn()
         if conversation is None:
-            yield d.row()
+            yield done.key, d.row()
         else:
             queue.appendleft(request(done.key, conversation))  # finish started dialogs first
 
 
-def _hf_answers(model, tok, records: list[PromptRecord], cfg: GenerationConfig) -> Iterator[dict]:
+def _hf_answers(model, tok, records: list[PromptRecord], seeds: list[int], cfg: GenerationConfig
+                ) -> Iterator[tuple[int, dict]]:
     """`model.generate` per batch of records and turn; sampled turns one at a time, each seeded by its own
     request seed so that the batch does not change the sample."""
     for start in range(0, len(records), cfg.batch_size):
-        dialogs = [_Dialog(r) for r in records[start:start + cfg.batch_size]]
+        dialogs = [_Dialog(r, s) for r, s in zip(records[start:start + cfg.batch_size],
+                                                 seeds[start:start + cfg.batch_size], strict=True)]
         turns = [(d, c) for d in dialogs if (c := d.next_turn()) is not None]
         while turns:
             if cfg.temperature > 0:
                 answers = []
                 for d, c in turns:
-                    torch.manual_seed(d.seed(cfg.seed))
+                    torch.manual_seed(d.seed())
                     answers += generate_batch(model, tok, [c], cfg)
             else:
                 answers = generate_batch(model, tok, [c for _, c in turns], cfg)
             for (d, _), answer in zip(turns, answers, strict=True):
                 d.add(*answer)
             turns = [(d, c) for d, _ in turns if (c := d.next_turn()) is not None]
-        yield from (d.row() for d in dialogs)
+        yield from ((start + i, d.row()) for i, d in enumerate(dialogs))
+
+
+@dataclass(frozen=True)
+class AnswerJob:
+    """One answer file to make: `records` answered under `cfg` into JSONL `out`."""
+
+    records: list[PromptRecord]
+    cfg: GenerationConfig
+    out: Path
 
 
 def generate_to_file(model, tok, records: list[PromptRecord], cfg: GenerationConfig, out: str | os.PathLike,
@@ -187,51 +212,92 @@ def generate_to_file(model, tok, records: list[PromptRecord], cfg: GenerationCon
     file, `OUT.part.<rank>`; the main process then writes `OUT` in prompt order. Answers depend only on the
     seed, the prompt id and the settings, so any number of processes gives the same file, and a run killed
     with one number of processes resumes with another."""
-    out = Path(out)
+    return generate_to_files(model, tok, [AnswerJob(records, cfg, Path(out))], model_name=model_name,
+                             overwrite=overwrite, replace_stale=replace_stale, progress=progress)[0]
+
+
+def generate_to_files(model, tok, jobs: list[AnswerJob], *, model_name: str, overwrite: bool = False,
+                      replace_stale: bool = False, progress: bool = True) -> list[list[dict]]:
+    """`generate_to_file` for several files whose settings differ at most in their seed (e.g. an evaluation's
+    sets × sampling seeds), answered from one queue: the engine's batch stays full until the last file's
+    last prompts instead of draining at the end of every file. Every file gets the rows it would get alone."""
+    if len({json.dumps(j.cfg.model_dump(exclude={"seed"}), sort_keys=True) for j in jobs}) > 1:
+        raise ValueError("generate_to_files: the jobs' generation settings differ in more than their seed")
     rank, world = rank_and_world()
-    part = out.with_name(out.name + (f".part.{rank}" if world > 1 else ".part"))
-    cfg = resolved(cfg, model)
-    stamp = {"model": model_name, "generation": cfg.model_dump()}
-    if overwrite:
-        _discard_on_main(out)
-    try:
-        done = _existing_rows(out, part, stamp)
-    except DadpoError:  # written with other settings
-        if not replace_stale:
-            raise
-        log.warning("%s was written with other settings: answering again", out)
-        _discard_on_main(out)
-        done = {}
-    todo = [r for r in shard(records, rank, world) if r.id not in done]
+    files = [_AnswerFile(job, resolved(job.cfg, model), model_name, rank, world) for job in jobs]
+    for f in files:
+        f.load(overwrite, replace_stale)
+    # longest prompts first: rows of similar length decode together, and OOM shows up early
+    todo = sorted(((f, r) for f in files for r in f.todo), key=lambda fr: -sum(len(m["content"])
+                                                                                for m in fr[1].messages))
     if todo:
-        if not part.exists():
-            if out.exists() and world == 1:
-                shutil.copyfile(out, part)
-            else:
-                part.parent.mkdir(parents=True, exist_ok=True)
-                part.touch()
-        # longest prompts first: rows of similar length decode together, and OOM shows up early
-        todo.sort(key=lambda r: -sum(len(m["content"]) for m in r.messages))
-        bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"generate {out.name}",
-                   unit="prompt", disable=not progress or rank > 0)
-        for row in iter_answers(model, tok, todo, cfg):
-            row = {**row, **stamp}
-            append_jsonl(part, [row])  # one fsync'd line per finished prompt: a kill loses nothing done
-            done[row["id"]] = row
+        total = sum(len(j.records) for j in jobs)
+        name = jobs[0].out.name + (f" and {len(jobs) - 1} more" if len(jobs) > 1 else "")
+        bar = tqdm(total=total, initial=total - len(todo), desc=f"generate {name}", unit="prompt",
+                   disable=not progress or rank > 0)
+        for f in {f for f, _ in todo}:
+            f.open_part()
+        answers = answer_stream(model, tok, [r for _, r in todo], files[0].cfg, [f.cfg.seed for f, _ in todo])
+        for k, row in answers:
+            todo[k][0].add(row)
             bar.update(1)
         bar.close()
-    barrier()
-    if is_main() and _part_files(out):  # finished: the final file holds the rows in prompt order
-        if world > 1:  # the other ranks' answers are in their part files
-            done = _existing_rows(out, None, stamp)
-        rows = [done[r.id] for r in records]
-        atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        for path in _part_files(out):
-            path.unlink()
-    barrier()
-    if world > 1:  # every rank returns every answer
-        done = {row["id"]: row for row in read_jsonl(out)}
-    return [done[r.id] for r in records]
+    return [f.finish() for f in files]
+
+
+class _AnswerFile:
+    """One answer file while it is being made: what is already answered, what is left, its part file."""
+
+    def __init__(self, job: AnswerJob, cfg: GenerationConfig, model_name: str, rank: int, world: int):
+        self.records, self.out, self.cfg, self.world = job.records, Path(job.out), cfg, world
+        self.part = self.out.with_name(self.out.name + (f".part.{rank}" if world > 1 else ".part"))
+        self.stamp = {"model": model_name, "generation": cfg.model_dump()}
+        self.shard = shard(job.records, rank, world)
+        self.done: dict[str, dict] = {}
+        self.todo: list[PromptRecord] = []
+
+    def load(self, overwrite: bool, replace_stale: bool) -> None:
+        """Read what an earlier run of the same settings answered (after discarding it, with `overwrite`)."""
+        if overwrite:
+            _discard_on_main(self.out)
+        try:
+            self.done = _existing_rows(self.out, self.part, self.stamp)
+        except DadpoError:  # written with other settings
+            if not replace_stale:
+                raise
+            log.warning("%s was written with other settings: answering again", self.out)
+            _discard_on_main(self.out)
+            self.done = {}
+        self.todo = [r for r in self.shard if r.id not in self.done]
+
+    def open_part(self) -> None:
+        if self.part.exists():
+            return
+        if self.out.exists() and self.world == 1:
+            shutil.copyfile(self.out, self.part)
+        else:
+            self.part.parent.mkdir(parents=True, exist_ok=True)
+            self.part.touch()
+
+    def add(self, row: dict) -> None:
+        row = {**row, **self.stamp}
+        append_jsonl(self.part, [row])  # one fsync'd line per finished prompt: a kill loses nothing done
+        self.done[row["id"]] = row
+
+    def finish(self) -> list[dict]:
+        """Write `OUT` in prompt order once every rank is done, remove the part files; every record's row."""
+        barrier()
+        if is_main() and _part_files(self.out):
+            if self.world > 1:  # the other ranks' answers are in their part files
+                self.done = _existing_rows(self.out, None, self.stamp)
+            rows = [self.done[r.id] for r in self.records]
+            atomic_write_text(self.out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+            for path in _part_files(self.out):
+                path.unlink()
+        barrier()
+        if self.world > 1:  # every rank returns every answer
+            self.done = {row["id"]: row for row in read_jsonl(self.out)}
+        return [self.done[r.id] for r in self.records]
 
 
 def _discard_on_main(out: Path) -> None:

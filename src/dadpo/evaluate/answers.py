@@ -12,7 +12,7 @@ from dadpo.decoding import GenerationConfig
 from dadpo.errors import DadpoError
 from dadpo.evaluate.config import DOLLY_HELDOUT, EVAL_SETS, SET_NAME, EvalConfig, split_set
 from dadpo.evaluate.judge import PairItem
-from dadpo.generation import generate_to_file
+from dadpo.generation import AnswerJob, generate_to_files
 from dadpo.models import model_stamp
 
 
@@ -87,20 +87,18 @@ def generate_answers(
     progress: bool = True,
 ) -> dict[str, dict[int, list[dict]]]:
     """Answer every set in `prompts` once per seed of `config.answer_seeds` into
-    `out_dir/answers/<slug>/<set>[.seed<k>].jsonl`: set -> seed -> rows. Resumes and never pays twice;
-    answers of other decoding settings or other weights behind the same spec are redone."""
+    `out_dir/answers/<slug>/<set>[.seed<k>].jsonl`: set -> seed -> rows. All of them come from one queue
+    (`generate_to_files`). Resumes and never pays twice; answers of other decoding settings or other weights
+    behind the same spec are redone."""
     folder = Path(out_dir) / "answers" / model_slug(name, spec)
-    stamp = model_stamp(spec)
-    return {
-        s: {
-            seed: generate_to_file(
-                model, tok, recs, answer_config(config, seed), answer_file(folder, s, seed, config),
-                model_name=stamp, replace_stale=True, progress=progress,
-            )
-            for seed in config.answer_seeds(has_references(recs))
-        }
-        for s, recs in prompts.items()
-    }
+    keys = [(s, seed) for s, recs in prompts.items() for seed in config.answer_seeds(has_references(recs))]
+    jobs = [AnswerJob(prompts[s], answer_config(config, seed), answer_file(folder, s, seed, config))
+            for s, seed in keys]
+    rows = generate_to_files(model, tok, jobs, model_name=model_stamp(spec), replace_stale=True, progress=progress)
+    answers: dict[str, dict[int, list[dict]]] = {s: {} for s in prompts}
+    for (s, seed), file_rows in zip(keys, rows, strict=True):
+        answers[s][seed] = file_rows
+    return answers
 
 
 def pair_items(
