@@ -14,8 +14,10 @@ the residual stream, the norms and the logits that decide a token stay float32.
 
 A sampled answer depends only on its request's seed and the decoding settings, never on the batch or slot
 it landed in: each request draws from its own random stream, and a row's arithmetic does not depend on the
-other rows (see `Engine._decode`). `unsupported(model)` says why a model must go through `model.generate`
-instead (the reference implementation).
+other rows (see `Engine._decode`). For that, sampling in float32 also runs on oneDNN-prepacked products and
+a written-out decode attention (`_sdpa`'s `row_invariant`): MKL's products and torch's float32 CPU attention
+round a row by how many rows share the call (measured on an AMD EPYC). `unsupported(model)` says why a model
+must go through `model.generate` instead (the reference implementation).
 """
 
 from __future__ import annotations
