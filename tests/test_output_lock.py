@@ -60,6 +60,32 @@ def test_a_file_at_the_lock_path_that_dadpo_did_not_write_is_refused_untouched(t
     assert lock_path(out).read_text() == "my notes"
 
 
+def test_a_new_nested_output_is_held_and_every_name_of_an_output_shares_its_hold(tmp_path):
+    out = tmp_path / "runs" / "new" / "run"  # none of it exists yet: a fresh clone's runs/…
+    with hold_output(out, "output_dir"):
+        assert lock_path(out).is_file() and not out.exists()
+        (tmp_path / "link").symlink_to(tmp_path / "runs")
+        for other in (tmp_path / "link" / "new" / "run", tmp_path / "runs" / "x" / ".." / "new" / "run"):
+            with pytest.raises(DadpoError, match="in use by another dadpo run"), hold_output(other, "--out"):
+                pass
+    assert not lock_path(out).exists()
+
+
+def test_on_a_filesystem_without_locks_the_run_goes_on_and_says_so(tmp_path, caplog, monkeypatch):
+    """e.g. NFS mounted without locking: flock fails with ENOLCK (injected here), and refusing every run there
+    would be worse than running without a hold."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with hold_output(tmp_path / "run", "--out"):
+        pass
+    assert "no hold on it" in caplog.text and "No locks available" in caplog.text
+
+
 def _recover(out: Path, model: Path, prompts: Path) -> list[str]:
     return ["recover", "--student", str(model), "--teacher", str(model), "--prompts", str(prompts), "--out",
             str(out), "--method", "dsft"]

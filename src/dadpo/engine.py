@@ -165,8 +165,9 @@ class _Linear:
         self.sizes = [m.out_features for m in modules]
         self.parts = [(m.weight, m.bias) for m in modules]
         self.packed = None
-        onednn = modules[0].weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
-        if dtype is not None or (packed and onednn):
+        weight = modules[0].weight
+        onednn = weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+        if dtype is not None or (packed and onednn and weight.dtype == torch.float32):
             weight = torch.cat([m.weight.detach() for m in modules]).to(dtype or modules[0].weight.dtype)
             biases = [m.bias for m in modules]
             bias = None if all(b is None for b in biases) else torch.cat(
@@ -178,6 +179,7 @@ class _Linear:
                 # 32, 64 and 128 all round rows differently past 32); a hint of 1 does not, but it rounds
                 # prompts of more than 32 tokens differently, which would change every sampled answer
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
+                self.parts = [(None, bias)]  # the packed copy is the only one a product reads
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The projections of `x` `[requests, tokens, features]`, one tensor each."""
@@ -280,8 +282,10 @@ class Engine:
         # sampled: prepacked products, so that a row's numbers (and its sample) never depend on the batch;
         # float32 greedy: the model's own products, whose tokens equal model.generate's
         packed = bf16 or temperature > 0
-        # bf16 attention rounds a row the same in any batch (measured); float32's needs `_sdpa`'s row_invariant
-        self.row_invariant_attention = packed and not bf16
+        # bf16 attention rounds a row the same in any batch (measured); float32's on a CPU needs `_sdpa`'s
+        # row_invariant
+        self.row_invariant_attention = (packed and not bf16 and self.device.type == "cpu"
+                                        and model.dtype == torch.float32)
         self.layers = [_Layer.of(layer, self.compute_dtype, packed)
                        for layer in model.model.layers[: model.config.num_hidden_layers]]
         self.head = _Linear([model.lm_head], self.compute_dtype, packed)

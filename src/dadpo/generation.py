@@ -220,7 +220,9 @@ def generate_to_files(model, tok, jobs: list[AnswerJob], *, model_name: str, ove
                       replace_stale: bool = False, progress: bool = True) -> list[list[dict]]:
     """`generate_to_file` for several files whose settings differ at most in their seed (e.g. an evaluation's
     sets × sampling seeds), answered from one queue: the engine's batch stays full until the last file's
-    last prompts instead of draining at the end of every file. Every file gets the rows it would get alone."""
+    last prompts instead of draining at the end of every file. On the engine every file gets the rows it
+    would get alone; on `model.generate` (other architectures) greedy batches mix the files' prompts, and
+    padding makes those answers depend on their batch anyway."""
     if len({json.dumps(j.cfg.model_dump(exclude={"seed"}), sort_keys=True) for j in jobs}) > 1:
         raise ValueError("generate_to_files: the jobs' generation settings differ in more than their seed")
     rank, world = rank_and_world()

@@ -4,6 +4,7 @@ deleting (ownership) anything."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -147,8 +148,9 @@ _LOCK_HEADER = "dadpo run: "
 
 def lock_path(path: str | os.PathLike) -> Path:
     """The lock file of output `path`: `.NAME.dadpo-lock` beside it (beside, not inside, so that replacing or
-    deleting the output folder never drops a hold)."""
-    path = Path(path).absolute()
+    deleting the output folder never drops a hold), links and `..` resolved so every name of one output
+    shares one lock."""
+    path = Path(os.path.realpath(path))
     return path.parent / f".{path.name}{LOCK_SUFFIX}"
 
 
@@ -157,11 +159,14 @@ def hold_output(path: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold output `path` (given as `what`, e.g. `--out`) for the block, so a second dadpo run writing there
     fails with one line naming the run that holds it instead of interleaving its writes with this one's.
 
-    The hold is an exclusive `flock` on `lock_path(path)`. The kernel lets go of it when the process ends,
-    however it ends (kill -9 included), so a killed run leaves nothing to clear by hand and its rerun resumes.
-    The file is removed when the block ends, by its holder only, once it has checked that the file is still
-    the one it locked. A non-empty file of that name that dadpo did not write is refused and left alone. Under N
-    processes the main process holds it for all of them, and all of them fail when it cannot."""
+    The hold is an exclusive `flock` on `lock_path(path)` (its folder is made if needed: the output goes
+    there anyway). The kernel lets go of it when the process ends, however it ends (kill -9 included), so a
+    killed run leaves nothing to clear by hand and its rerun resumes. The file is removed when the block
+    ends, by its holder only, once it has checked that the file is still the one it locked. A non-empty file
+    of that name that dadpo did not write is refused and left alone (an empty one is a hold whose run was
+    killed before writing its line). Where no lock file can be made or locked there (a read-only parent, a
+    filesystem without `flock`), the run goes on without a hold and says so. Under N processes the main
+    process holds it for all of them, and all of them fail when it cannot."""
     from dadpo.distributed import agree, is_main
 
     fd, error = None, None
@@ -179,17 +184,29 @@ def hold_output(path: str | os.PathLike, what: str) -> Iterator[None]:
             _unlock(lock_path(path), fd)
 
 
-def _lock(lock: Path, what: str, path) -> int:
-    """An open descriptor holding `lock` exclusively, with this process's line written in it."""
+def _lock(lock: Path, what: str, path) -> int | None:
+    """An open descriptor holding `lock` exclusively, with this process's line written in it; None (and a
+    warning) where the filesystem allows no such lock."""
     import fcntl
+    import logging
     import socket
+
+    def unheld(reason: OSError) -> None:
+        logging.getLogger("dadpo").warning("%s %s: no hold on it (%s: %s); make sure no other dadpo run writes "
+                                           "there", what, path, lock, reason.strerror or reason)
 
     while True:
         try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
-            raise DadpoError(f"{what} {path}: cannot make its lock file {lock}: {e.strerror or e}") from None
+            if e.errno == errno.ELOOP:
+                raise DadpoError(f"{what} {path}: {lock} is a link, not a lock file dadpo made; move it away") \
+                    from None
+            return unheld(e)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise DadpoError(f"{what} {path}: {lock} is not a lock file dadpo made; move it away")
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
             if holder and not holder.startswith(_LOCK_HEADER):
                 raise DadpoError(f"{what} {path}: {lock} exists and dadpo did not write it; move it away")
@@ -199,6 +216,9 @@ def _lock(lock: Path, what: str, path) -> int:
                 who = holder.removeprefix(_LOCK_HEADER) or "a process that is starting"
                 raise DadpoError(f"{what} {path} is in use by another dadpo run ({who}); wait for it to end "
                                  f"or choose another {what}") from None
+            except OSError as e:  # e.g. a network filesystem mounted without locks
+                os.close(fd)
+                return unheld(e)
             if not _same_file(fd, lock):  # its holder removed it after we opened it: lock the new one
                 os.close(fd)
                 continue

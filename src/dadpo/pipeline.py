@@ -430,9 +430,10 @@ def preflight(recipe: Recipe, stages: list[Stage]) -> None:
     _check_models(recipe)
 
 
-def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print, stages: list[Stage] | None = None
-               ) -> dict[str, dict]:
-    """Run a recipe's stages (default: `plan(recipe)`) under its output_dir, once `preflight` passed."""
+def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print, stages: list[Stage] | None = None,
+               finish: Callable[[dict[str, dict]], None] | None = None) -> dict[str, dict]:
+    """Run a recipe's stages (default: `plan(recipe)`) under its output_dir, once `preflight` passed, holding
+    the output_dir throughout (`hold_output`); `finish(results)` writes what comes after, still holding it."""
     stages = stages if stages is not None else plan(recipe)
     preflight(recipe, stages)
     init_from_env()  # under torchrun / accelerate launch: the stages split their work across the processes
@@ -440,4 +441,7 @@ def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print, stages: list
     with hold_output(out, "output_dir"):
         on_main(lambda: (out.mkdir(parents=True, exist_ok=True),
                          atomic_write_json(out / RECIPE_RECORD, recipe.model_dump(mode="json"))))
-        return run_stages(out, stages, echo)
+        results = run_stages(out, stages, echo)
+        if finish is not None:
+            finish(results)
+        return results

@@ -124,7 +124,6 @@ def cmd_bench(args) -> int:
     import sys
 
     from dadpo.bench import check_bench_dir, write_bench
-    from dadpo.io import hold_output
     from dadpo.pipeline import BENCH_METHODS, bench_plan, run_recipe, split_methods
     from dadpo.recipe import load_recipe
 
@@ -139,11 +138,13 @@ def cmd_bench(args) -> int:
     if is_main():
         print(f"bench {recipe.name}: {', '.join(methods)} ({len(stages)} stages) into {recipe.output_dir}")
     check_bench_dir(Path(recipe.output_dir) / "bench")
-    results = run_recipe(recipe, stages=stages)
     command = "dadpo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    with hold_output(recipe.output_dir, "output_dir"):
+
+    def tables(results: dict) -> None:
         if is_main():
             print(write_bench(Path(recipe.output_dir) / "bench", results["bench/evaluate"], command))
+
+    run_recipe(recipe, stages=stages, finish=tables)
     return 0
 
 
