@@ -68,7 +68,11 @@ def test_a_new_nested_output_is_held_and_every_name_of_an_output_shares_its_hold
         for other in (tmp_path / "link" / "new" / "run", tmp_path / "runs" / "x" / ".." / "new" / "run"):
             with pytest.raises(DadpoError, match="in use by another dadpo run"), hold_output(other, "--out"):
                 pass
-    assert not lock_path(out).exists()
+    # nothing was written under the hold (e.g. a run refused for a bad model): the folders made for it go
+    assert not (tmp_path / "runs").exists()
+    with hold_output(out, "output_dir"):
+        out.mkdir()  # the run's output: the folders made for the hold stay with it
+    assert out.is_dir() and not lock_path(out).exists()
 
 
 def test_on_a_filesystem_without_locks_the_run_goes_on_and_says_so(tmp_path, caplog, monkeypatch):

@@ -159,29 +159,44 @@ def hold_output(path: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold output `path` (given as `what`, e.g. `--out`) for the block, so a second dadpo run writing there
     fails with one line naming the run that holds it instead of interleaving its writes with this one's.
 
-    The hold is an exclusive `flock` on `lock_path(path)` (its folder is made if needed: the output goes
-    there anyway). The kernel lets go of it when the process ends, however it ends (kill -9 included), so a
-    killed run leaves nothing to clear by hand and its rerun resumes. The file is removed when the block
-    ends, by its holder only, once it has checked that the file is still the one it locked. A non-empty file
-    of that name that dadpo did not write is refused and left alone (an empty one is a hold whose run was
-    killed before writing its line). Where no lock file can be made or locked there (a read-only parent, a
-    filesystem without `flock`), the run goes on without a hold and says so. Under N processes the main
-    process holds it for all of them, and all of them fail when it cannot."""
+    The hold is an exclusive `flock` on `lock_path(path)`. Folders made for it are removed again at the end
+    if they are still empty (a run refused later, e.g. for a bad model, leaves nothing behind). The kernel
+    lets go of the lock when the process ends, however it ends (kill -9 included), so a killed run leaves
+    nothing to clear by hand and its rerun resumes. The file is removed when the block ends, by its holder
+    only, once it has checked that the file is still the one it locked. A non-empty file of that name that
+    dadpo did not write is refused and left alone (an empty one is a hold whose run was killed before writing
+    its line). Where no lock file can be made or locked there (a read-only parent, a filesystem without
+    `flock`), the run goes on without a hold and says so. Under N processes the main process holds it for
+    all of them, and all of them fail when it cannot."""
     from dadpo.distributed import agree, is_main
 
+    lock = lock_path(path)
+    made: list[Path] = []  # folders the lock file needed, outermost first
     fd, error = None, None
     if is_main():
+        made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()][::-1]
         try:
-            fd = _lock(lock_path(path), what, path)
+            fd = _lock(lock, what, path)
         except DadpoError as e:
             error = str(e)
+            _remove_empty(made)
     if (error := agree(error)) is not None:
         raise DadpoError(error)
     try:
         yield
     finally:
         if fd is not None:
-            _unlock(lock_path(path), fd)
+            _unlock(lock, fd)
+        _remove_empty(made)
+
+
+def _remove_empty(made: list[Path]) -> None:
+    """Remove the folders `hold_output` made (outermost first in `made`) that nothing has been put in."""
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (the run wrote its output), or gone
+            return
 
 
 def _lock(lock: Path, what: str, path) -> int | None:
