@@ -100,23 +100,14 @@ def test_a_sampled_rows_logits_are_bit_identical_alone_and_in_any_batch(smollm, 
     different row counts on some CPUs (AMD EPYC), which changed 1 of 64 sampled answers of 48 tokens."""
     model, tok = smollm
     seen: dict[int, dict[int, list[torch.Tensor]]] = {}
-    logits_of = Engine._logits
-
-    def recording(self, hidden):
-        logits = logits_of(self, hidden)
-        rows = recording.rows
-        for row, row_logits in zip(rows, logits, strict=True):
-            seen[self.slots].setdefault(row.request.seed, []).append(row_logits.clone())
-        return logits
-
     sample = Engine._sample
 
-    def sampling(self, hidden, rows):
-        recording.rows = rows
+    def recording(self, hidden, rows):  # the logits `_sample` decides by, per request and step
+        for row, logits in zip(rows, self._logits(hidden), strict=True):
+            seen[self.slots].setdefault(row.request.seed, []).append(logits)
         return sample(self, hidden, rows)
 
-    monkeypatch.setattr(Engine, "_logits", recording)
-    monkeypatch.setattr(Engine, "_sample", sampling)
+    monkeypatch.setattr(Engine, "_sample", recording)
     recs = [_rec(i, q) for i, q in enumerate(QUESTIONS[:7])]
     for slots in (1, 3, 7):
         seen[slots] = {}

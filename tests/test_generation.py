@@ -15,6 +15,21 @@ def _rec(i, *turns):
     return PromptRecord(str(i), [{"role": "user", "content": t} for t in turns])
 
 
+@pytest.fixture
+def answered(monkeypatch) -> list[list[str]]:
+    """The prompt ids of every `answer_stream` call from here on: what was actually answered."""
+    import dadpo.generation as gen
+
+    calls, stream = [], gen.answer_stream
+
+    def counting(model, tok, batch, cfg, seeds=None):
+        calls.append([r.id for r in batch])
+        return stream(model, tok, batch, cfg, seeds)
+
+    monkeypatch.setattr(gen, "answer_stream", counting)
+    return calls
+
+
 def test_greedy_answer_knows_paris(smollm):
     model, tok = smollm
     row = answer_records(model, tok, [_rec(0, "What is the capital of France?")],
@@ -50,7 +65,7 @@ def test_second_turn_sees_first_answer(smollm, data_dir):
     assert row["response"] == row["responses"][1]
 
 
-def test_resume_after_interruption_and_settings_guard(smollm, tmp_path):
+def test_resume_after_interruption_and_settings_guard(smollm, tmp_path, answered):
     model, tok = smollm
     recs = [_rec(i, f"Say the number {i}.") for i in range(5)]
     cfg = GenerationConfig(max_new_tokens=8, batch_size=2)
@@ -62,22 +77,10 @@ def test_resume_after_interruption_and_settings_guard(smollm, tmp_path):
     part = tmp_path / "answers.jsonl.part"
     part.write_text("".join(lines[:2]) + lines[2][:15])
     out.unlink()
-    calls = []
-    import dadpo.generation as gen
-
-    orig = gen.answer_stream
-
-    def counting(model, tok, batch, cfg, seeds=None):
-        calls.append([r.id for r in batch])
-        return orig(model, tok, batch, cfg, seeds)
-
-    gen.answer_stream = counting
-    try:
-        resumed = generate_to_file(model, tok, recs, cfg, out, model_name="m", progress=False)
-    finally:
-        gen.answer_stream = orig
+    answered.clear()
+    resumed = generate_to_file(model, tok, recs, cfg, out, model_name="m", progress=False)
     done_before = {json.loads(line)["id"] for line in lines[:2]}
-    assert sorted(i for c in calls for i in c) == sorted({str(i) for i in range(5)} - done_before)
+    assert sorted(i for c in answered for i in c) == sorted({str(i) for i in range(5)} - done_before)
     assert [r["response"] for r in resumed] == [r["response"] for r in full]
     assert not part.exists() and len(out.read_text().splitlines()) == 5
     with pytest.raises(DadpoError, match="other settings"):
@@ -87,7 +90,8 @@ def test_resume_after_interruption_and_settings_guard(smollm, tmp_path):
     assert len(again) == 2 and len(out.read_text().splitlines()) == 2
 
 
-def test_files_answered_from_one_queue_get_the_rows_they_get_alone_and_resume_apart(smollm, tmp_path):
+def test_files_answered_from_one_queue_get_the_rows_they_get_alone_and_resume_apart(smollm, tmp_path,
+                                                                                   answered):
     """Two seeds × two sets (a prompt shared by both sets) from one engine queue: every file holds exactly
     what `generate_to_file` writes for it alone. A rerun answers only what is missing: the finished file is
     left as it is, the interrupted one (two rows in its part file) gets its other prompts."""
@@ -107,20 +111,9 @@ def test_files_answered_from_one_queue_get_the_rows_they_get_alone_and_resume_ap
     lines = jobs[1].out.read_text().splitlines(keepends=True)
     jobs[1].out.unlink()
     jobs[1].out.with_name(jobs[1].out.name + ".part").write_text("".join(lines[:2]))
-    import dadpo.generation as gen
-
-    calls, orig = [], gen.answer_stream
-
-    def counting(model, tok, batch, cfg, seeds=None):
-        calls.append([r.id for r in batch])
-        return orig(model, tok, batch, cfg, seeds)
-
-    gen.answer_stream = counting
-    try:
-        assert generate_to_files(model, tok, jobs, model_name="m", progress=False) == alone
-    finally:
-        gen.answer_stream = orig
-    assert sorted(calls[0]) == ["2", "3", "4"] and jobs[0].out.stat().st_mtime_ns == finished
+    answered.clear()
+    assert generate_to_files(model, tok, jobs, model_name="m", progress=False) == alone
+    assert sorted(answered[0]) == ["2", "3", "4"] and jobs[0].out.stat().st_mtime_ns == finished
     with pytest.raises(ValueError, match="more than their seed"):
         generate_to_files(model, tok, [jobs[0], AnswerJob(jobs[1].records, GenerationConfig(max_new_tokens=9),
                                                           jobs[1].out)], model_name="m")

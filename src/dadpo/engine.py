@@ -165,10 +165,10 @@ class _Linear:
         self.sizes = [m.out_features for m in modules]
         self.parts = [(m.weight, m.bias) for m in modules]
         self.packed = None
-        weight = modules[0].weight
-        onednn = weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
-        if dtype is not None or (packed and onednn and weight.dtype == torch.float32):
-            weight = torch.cat([m.weight.detach() for m in modules]).to(dtype or modules[0].weight.dtype)
+        own = modules[0].weight
+        onednn = own.device.type == "cpu" and torch.backends.mkldnn.is_available()
+        if dtype is not None or (packed and onednn and own.dtype == torch.float32):
+            weight = torch.cat([m.weight.detach() for m in modules]).to(dtype or own.dtype)
             biases = [m.bias for m in modules]
             bias = None if all(b is None for b in biases) else torch.cat(
                 [b.detach() if b is not None else weight.new_zeros(n) for b, n in zip(biases, self.sizes,
