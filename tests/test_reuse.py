@@ -18,7 +18,7 @@ from dadpo.recover.config import LoraConfig, RecoverConfig
 PROMPTS = {"prompts", "skip_prompts", "eval_prompts", "train_prompts"}
 SAMPLING = {f"sampling.{k}" for k in ("max_new_tokens", "temperature", "top_p", "batch_size", "precision")}
 TEACHER = {"teacher", "seed", *PROMPTS, *SAMPLING}  # teacher answers to every kept prompt
-FORWARD = {"max_prompt_len", "max_response_len", "batch_size", "bf16"}  # every batched forward pass
+FORWARD = {"max_prompt_len", "max_response_len", "batch_size", "bf16", "group_by_length"}  # every batched forward
 DSFT = TEACHER | FORWARD | {"student", "grad_accum", "warmup_ratio", "dsft.lr", "dsft.epochs",
                             *(f"lora.{k}" for k in LoraConfig.model_fields)}
 STUDENT = DSFT | {"sampling.student_from"}  # the dSFT model's answers (the paper's rejected responses)

@@ -71,6 +71,7 @@ def artefact_keys(manifest: dict) -> dict[str, str]:
     split = {k: c[k] for k in ("skip_prompts", "eval_prompts", "train_prompts")}
     sampling = {k: v for k, v in c["sampling"].items() if k != "student_from"}
     tokens = {k: c[k] for k in ("max_prompt_len", "max_response_len", "batch_size", "bf16")}  # every forward
+    tokens["group_by_length"] = c.get("group_by_length", False)  # absent from runs made before it existed
     teacher = content_key({"teacher": manifest["teacher"], "prompts": manifest["prompts"], **split,
                            "sampling": sampling, "seed": c["seed"]})
     dsft = content_key({"student": manifest["student"], "teacher.jsonl": teacher, **tokens, "dsft": c["dsft"],

@@ -88,6 +88,11 @@ class RecoverConfig(_Section):
     max_response_len: int = Field(256, ge=1, description="response tokens kept (cut from the right)")
     lora: LoraConfig | None = Field(None, description="LoRA settings; null = full fine-tuning")
     bf16: bool = Field(False, description="bf16 autocast for training and scoring forward passes")
+    group_by_length: bool = Field(
+        False, description="batch examples of similar length: training in length-sorted groups of up to 50 "
+        "batches (the group order random, seeded per epoch, so a resumed run sees the same batches) and "
+        "scoring in length order: a third of a random batch of Dolly pairs is padding, length-grouped ones "
+        "almost none; it changes which examples share a batch, so training takes another path")
     activation_checkpointing: Literal["none", "selective", "full"] = Field(
         "none", description="recompute activations in backward: selective = only cheap elementwise ops "
         "(norms, RoPE, SiLU), keeping matmul/attention outputs; full = whole decoder layers")

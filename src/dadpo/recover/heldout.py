@@ -24,11 +24,13 @@ def heldout_prompt_nll(spec: str, records: list[PromptRecord], teacher_rows: dic
     examples = [encode_example(tok, r.id, r.messages, teacher_rows[r.id], None, cfg.max_prompt_len,
                                cfg.max_response_len) for r in records]
     per_chunk = []
-    for chunk, batch in batches(examples, cfg.batch_size, tok.pad_token_id, "held-out NLL", model.device):
+    for chunk, batch in batches(examples, cfg.batch_size, tok.pad_token_id, "held-out NLL", model.device,
+                                cfg.group_by_length):
         out = response_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         per_chunk.append([(ex["id"], -s, n) for ex, s, n in zip(chunk, out.sums.tolist(), out.counts.tolist(),
                                                                  strict=True)])
-    return {i: (s, n) for rows in unshard(per_chunk) for i, s, n in rows}
+    nll = {i: (s, n) for rows in unshard(per_chunk) for i, s, n in rows}
+    return {r.id: nll[r.id] for r in records}
 
 
 def heldout_nll(spec: str, records: list[PromptRecord], teacher_rows: dict[str, str], cfg: RecoverConfig) -> dict:
@@ -49,7 +51,8 @@ def heldout_pairs(spec: str, examples: list[dict], scores: dict, cfg: RecoverCon
     model, tok = load_model(spec)
     d_refs, d_tes = [], []
     examples = [{**ex, **{k: v for k, v in scores[ex["id"]].items() if k.endswith("_logps")}} for ex in examples]
-    for chunk, b in batches(examples, cfg.batch_size, tok.pad_token_id, "held-out pairs", model.device):
+    for chunk, b in batches(examples, cfg.batch_size, tok.pad_token_id, "held-out pairs", model.device,
+                            cfg.group_by_length):
         with autocast(cfg):  # the precision the cached π_ref/π_te scores were computed in
             out = response_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
         d_ref, d_te = dadpo_margins(*pair_logps(out.sums, out.counts, b, len(chunk), cfg.margin))

@@ -11,17 +11,21 @@ from tqdm.auto import tqdm
 
 from dadpo.distributed import agree, on_main, rank_and_world, shard, unshard
 from dadpo.models import load_model
+from dadpo.recover.batching import in_length_order
 from dadpo.recover.config import RecoverConfig
 from dadpo.recover.forward import response_logps, teacher_topk
 from dadpo.recover.pairs import PairCollator
 
 
-def batches(examples: list[dict], size: int, pad_id: int, desc: str, device: torch.device):
+def batches(examples: list[dict], size: int, pad_id: int, desc: str, device: torch.device, by_length: bool = False):
     """(examples, collated batch) in chunks of `size`, every tensor of the batch on `device` (the model's:
-    a model on cuda never meets a cpu batch, cached scores included). Under N processes each gets its
-    `shard` of the chunks, the same chunks one process makes (so the same numbers); `unshard` puts the
-    per-chunk results back in order."""
+    a model on cuda never meets a cpu batch, cached scores included). `by_length`: the chunks are cut from
+    the examples in length order (less padding), so results must be kept per example. Under N processes
+    each gets its `shard` of the chunks, the same chunks one process makes (so the same numbers); `unshard`
+    puts the per-chunk results back in order."""
     collate = PairCollator(pad_id)
+    if by_length:
+        examples = in_length_order(examples)
     rank, world = rank_and_world()
     starts = shard(list(range(0, len(examples), size)), rank, world)
     for s in tqdm(starts, desc=desc, unit="batch", disable=rank > 0):
@@ -41,7 +45,8 @@ def sequence_scores(spec: str, examples: list[dict], cfg: RecoverConfig, prefix:
     model, tok = load_model(spec)
     per_chunk: list[dict[str, dict]] = []
     topk_ids = {ex["id"] for ex in examples[:n_topk]} if cfg.needs_topk else set()
-    for chunk, batch in batches(examples, cfg.batch_size, tok.pad_token_id, f"score {prefix}", model.device):
+    for chunk, batch in batches(examples, cfg.batch_size, tok.pad_token_id, f"score {prefix}", model.device,
+                                cfg.group_by_length):
         scores: dict[str, dict] = {}
         per_chunk.append(scores)
         with autocast(cfg):

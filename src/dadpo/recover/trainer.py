@@ -37,6 +37,16 @@ class RecoverTrainer(Trainer):
         self.recover, self.stage = recover, stage
         self._stats: dict[str, list[float]] = defaultdict(list)
 
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.recover.group_by_length:
+            return super()._get_train_sampler(train_dataset)
+        from dadpo.recover.batching import LengthGroupedOrder, example_length
+
+        examples = self.train_dataset if train_dataset is None else train_dataset
+        return LengthGroupedOrder([example_length(ex) for ex in examples],
+                                  self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                  self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # the output layer runs outside model.forward (on the response positions only), outside the autocast
         # accelerate wraps the forward in for bf16/fp16, so enter the accelerator's autocast here
