@@ -224,11 +224,18 @@ def test_length_grouped_order_is_a_seeded_permutation_with_little_padding():
     assert padding(first) < 0.05 < 0.2 < padding(torch.randperm(512).tolist())
 
 
-def test_length_grouped_training_resumes_on_the_batches_it_would_have_trained_on(tiny, tmp_path):
+@pytest.mark.parametrize("loader_sets_epoch", [True, False])
+def test_length_grouped_training_resumes_on_the_batches_it_would_have_trained_on(tiny, tmp_path, monkeypatch,
+                                                                                 loader_sets_epoch):
     """`group_by_length`: a dSFT run of 2 epochs stopped at a checkpoint in its second epoch and resumed by the
-    Trainer (its skipped batches, its set_epoch) trains on exactly the batches of the uninterrupted run; both
-    epochs hold every example once, in other orders, in batches of similar lengths."""
+    Trainer (its skipped batches) trains on exactly the batches of the uninterrupted run; both epochs hold
+    every example once, in other orders, in batches of similar lengths. Also where accelerate's data loader
+    does not pass its epoch on to the sampler, as under a resumed multi-process run."""
+    from accelerate.data_loader import DataLoaderShard
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not loader_sets_epoch:
+        monkeypatch.setattr(DataLoaderShard, "set_epoch", lambda self, epoch: None)
 
     from dadpo.recover.batching import example_length
     from dadpo.recover.training import build_trainer
@@ -256,6 +263,35 @@ def test_length_grouped_training_resumes_on_the_batches_it_would_have_trained_on
     assert spread < (max(length.values()) - min(length.values())) / 4
     batches_seen(tmp_path / "killed", max_steps=15)
     assert batches_seen(tmp_path / "killed", resume=str(tmp_path / "killed" / "checkpoint-15")) == straight[15:]
+
+
+def test_length_ordered_scoring_keeps_every_result_with_its_example(tiny):
+    """`group_by_length` scores in length order: each example's log-probs equal those of a pass in the given
+    order, only the training pairs (the first `n_topk`) get teacher top-k, and the held-out pairs' per-pair u
+    comes back in the examples' order."""
+    from transformers import AutoTokenizer
+
+    from dadpo.recover.heldout import heldout_pairs
+    from dadpo.recover.scoring import sequence_scores
+
+    tok = AutoTokenizer.from_pretrained(tiny["student"])
+    exs = [encode_example(tok, str(i), [{"role": "user", "content": "Tell me" + " more" * (i * 5 % 11)}],
+                          "Yes" + " and yes" * (i % 4), "No" + " no" * (i * 3 % 5), 64, 16) for i in range(8)]
+    cfg = {g: RecoverConfig.parse({"method": "dadpo", "batch_size": 3, "group_by_length": g,
+                                   "kd": {"weight": 0.5, "top_k": 4}}) for g in (False, True)}
+    scored = {g: sequence_scores(tiny["teacher"], exs, cfg[g], "teacher", n_topk=5) for g in cfg}
+    for i, ex in enumerate(exs):
+        a, b = scored[False][ex["id"]], scored[True][ex["id"]]
+        for k in ("teacher_chosen_logps", "teacher_rejected_logps"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5), (i, k)
+        assert ("topk_ids" in a) == ("topk_ids" in b) == (i < 5), i
+        if i < 5:
+            assert b["topk_logps"].shape == (len(ex["chosen_ids"]), 4)
+            assert torch.allclose(b["topk_logps"], a["topk_logps"], atol=1e-5)
+    scores = {k: {**v, **{f"ref_{n}": v[f"teacher_{n}"] for n in ("chosen_logps", "rejected_logps")}}
+              for k, v in scored[False].items()}
+    u = {g: heldout_pairs(tiny["student"], exs, scores, cfg[g])["u"] for g in cfg}
+    assert u[True] == pytest.approx(u[False], rel=1e-4) and len({round(x, 3) for x in u[False]}) > 4
 
 
 # --- the pipeline on tiny models -----------------------------------------------------------------------------

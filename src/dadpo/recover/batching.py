@@ -25,7 +25,7 @@ class LengthGroupedOrder(Sampler[int]):
         self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by the Trainer (through accelerate's data loader) before each epoch, resumed ones included."""
+        """Called before each epoch, resumed ones included (`trainer._EpochOfOrders`)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -39,5 +39,6 @@ class LengthGroupedOrder(Sampler[int]):
 
 
 def in_length_order(examples: list[dict]) -> list[dict]:
-    """`examples` sorted by `example_length` (stable), for forward passes whose results are kept per example."""
-    return sorted(examples, key=example_length)
+    """`examples` sorted by `example_length`, longest first (a batch too large for memory fails at once), for
+    forward passes whose results are kept per example."""
+    return sorted(examples, key=example_length, reverse=True)

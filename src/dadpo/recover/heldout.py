@@ -49,16 +49,19 @@ def heldout_pairs(spec: str, examples: list[dict], scores: dict, cfg: RecoverCon
     if not examples or "rejected_ids" not in examples[0]:
         return {}
     model, tok = load_model(spec)
-    d_refs, d_tes = [], []
-    examples = [{**ex, **{k: v for k, v in scores[ex["id"]].items() if k.endswith("_logps")}} for ex in examples]
+    per_chunk = []
+    sequence = ("_chosen_logps", "_rejected_logps")  # the cached scores the margins need (not a KD run's top-k)
+    examples = [{**ex, **{k: v for k, v in scores[ex["id"]].items() if k.endswith(sequence)}} for ex in examples]
     for chunk, b in batches(examples, cfg.batch_size, tok.pad_token_id, "held-out pairs", model.device,
                             cfg.group_by_length):
         with autocast(cfg):  # the precision the cached π_ref/π_te scores were computed in
             out = response_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
         d_ref, d_te = dadpo_margins(*pair_logps(out.sums, out.counts, b, len(chunk), cfg.margin))
-        d_refs.append(d_ref.cpu())
-        d_tes.append(d_te.cpu())
-    d_ref, d_te = torch.cat(unshard(d_refs)), torch.cat(unshard(d_tes))
+        per_chunk.append(([ex["id"] for ex in chunk], d_ref.cpu(), d_te.cpu()))
+    parts = unshard(per_chunk)
+    at = {i: k for k, i in enumerate(i for ids, _, _ in parts for i in ids)}
+    back = torch.tensor([at[ex["id"]] for ex in examples])  # the examples' order, whatever the batches' was
+    d_ref, d_te = (torch.cat([p[k] for p in parts])[back] for k in (1, 2))
     beta2 = cfg.beta2 if cfg.method == "dadpo" else 0.0
     u = cfg.beta1 * d_ref + beta2 * d_te
     return {"reward_acc": (d_ref > 0).float().mean().item(), "objective_acc": (u > 0).float().mean().item(),

@@ -58,15 +58,16 @@ def sequence_scores(spec: str, examples: list[dict], cfg: RecoverConfig, prefix:
             row[f"{prefix}_chosen_logps"] = out.sums[i].item()
             if rejected:
                 row[f"{prefix}_rejected_logps"] = out.sums[n + i].item()
-        if any(ex["id"] in topk_ids for ex in chunk):
-            chosen = out.rows < n
-            rows = out.rows[chosen]
+        wanted = [i for i, ex in enumerate(chunk) if ex["id"] in topk_ids]
+        if wanted:  # the chosen rows of training pairs (a length-ordered chunk may mix in held-out ones)
+            keep = torch.isin(out.rows, torch.tensor(wanted, device=out.rows.device))
+            rows = out.rows[keep]
             with autocast(cfg):
-                v, ids = teacher_topk(model, out.hidden[chosen], cfg.kd.top_k)
-            for i, ex in enumerate(chunk):
+                v, ids = teacher_topk(model, out.hidden[keep], cfg.kd.top_k)
+            for i in wanted:
                 sel = rows == i
-                scores[ex["id"]]["topk_logps"] = v[sel].float().cpu()
-                scores[ex["id"]]["topk_ids"] = ids[sel].to(torch.int64).cpu()
+                scores[chunk[i]["id"]]["topk_logps"] = v[sel].float().cpu()
+                scores[chunk[i]["id"]]["topk_ids"] = ids[sel].to(torch.int64).cpu()
     return {k: row for part in unshard(per_chunk) for k, row in part.items()}
 
 

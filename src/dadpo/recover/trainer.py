@@ -19,8 +19,9 @@ from collections import defaultdict
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
+from dadpo.recover.batching import LengthGroupedOrder, example_length
 from dadpo.recover.config import RecoverConfig
 from dadpo.recover.forward import output_logits, response_logps
 from dadpo.recover.losses import SATURATED, dadpo_loss, dadpo_margins, sft_loss, token_kd_loss
@@ -36,16 +37,21 @@ class RecoverTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.recover, self.stage = recover, stage
         self._stats: dict[str, list[float]] = defaultdict(list)
+        self._orders: list[LengthGroupedOrder] = []
+        if recover.group_by_length:
+            self.add_callback(_EpochOfOrders(self._orders))
 
     def _get_train_sampler(self, train_dataset=None):
+        """`recover.group_by_length`: a length-grouped order drawn from (seed, epoch) alone, so a resumed run
+        trains on the batches the uninterrupted one would have."""
         if not self.recover.group_by_length:
             return super()._get_train_sampler(train_dataset)
-        from dadpo.recover.batching import LengthGroupedOrder, example_length
-
         examples = self.train_dataset if train_dataset is None else train_dataset
-        return LengthGroupedOrder([example_length(ex) for ex in examples],
-                                  self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                  self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+        order = LengthGroupedOrder([example_length(ex) for ex in examples],
+                                   self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                   self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+        self._orders.append(order)
+        return order
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # the output layer runs outside model.forward (on the response positions only), outside the autocast
@@ -67,6 +73,19 @@ class RecoverTrainer(Trainer):
             logs.update({k: sum(v) / len(v) for k, v in self._stats.items()})
             self._stats.clear()
         super().log(logs, start_time)
+
+
+class _EpochOfOrders(TrainerCallback):
+    """Sets each length-grouped order's epoch from the Trainer's state as an epoch begins (a resumed run's
+    state comes from its checkpoint). accelerate's data loader also calls `set_epoch`, but does not reach a
+    sampler under a resumed multi-process run (skipped batches → process shard → batch sampler → sampler)."""
+
+    def __init__(self, orders: list[LengthGroupedOrder]):
+        self.orders = orders
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        for order in self.orders:
+            order.set_epoch(int(state.epoch))
 
 
 #: stages whose loss is a mean over response tokens (the others: over pairs)
