@@ -9,7 +9,7 @@ Sets: `train` = the first 32 Dolly training prompts (after the 80 held-out rows)
 settings (temperature 0.7, top-p 0.95), `greedy`. Both paths produce exactly `--max-new-tokens` tokens per
 prompt (end-of-turn tokens do not stop a row), so they do the same work. Impls: `hf` = the project's former
 path (`generate_batch` → `model.generate`, one left-padded batch per 32 prompts), `engine` = the new path at
-its default precision (bf16 matmuls when sampling on a CPU with AMX, else fp32), `engine_fp32`,
+its default precision (bf16 matmuls when sampling on a CPU with AMX or AVX-512 BF16, else fp32), `engine_fp32`,
 `engine_bf16`. Effective GFLOP/s = 2 · parameters · tokens / seconds, next to this machine's matmul peak
 measured in the same run. `--check-greedy` also compares greedy token ids (stopping at end of turn, as in
 use) of the engine with `model.generate` one prompt at a time and on the whole left-padded batch, the bf16

@@ -17,7 +17,10 @@ from dadpo.engine import (
     ROW_BLOCK,
     Engine,
     Request,
+    _Layer,
     _Linear,
+    _sdpa,
+    bf16_units,
     request_seed,
     sample_top_p,
     unsupported,
@@ -65,14 +68,20 @@ def test_greedy_tokens_equal_model_generate_on_smollm(smollm):
     assert _engine(model, tok, QUESTIONS, 40, slots=3) == _reference(model, tok, QUESTIONS, 40)
 
 
-@pytest.mark.parametrize("precision", ["model", pytest.param("bfloat16", marks=pytest.mark.skipif(
-    not torch.cpu._is_amx_tile_supported(), reason="bf16 is batch-invariant on AMX kernels only (resolve_precision)"))])
+def _bf16_units_or_skip(model, precision: str) -> None:
+    if precision == "bfloat16" and not bf16_units(model):
+        pytest.skip("bf16 is batch-invariant on CPUs with bf16 instructions (AMX, AVX-512 BF16), the ones "
+                    "`precision: auto` samples in bf16 on")
+
+
+@pytest.mark.parametrize("precision", ["model", "bfloat16"])
 def test_sampled_answers_do_not_depend_on_the_batch_or_the_shard(smollm, precision):
     """bf16 rounding turns any difference of summation order into a different sample, so this holds only
     because every row's numbers are computed the same way whatever else is in the batch (in bf16, products
     of more than 32 rows round some rows differently, hence a batch of 48 there; float32, measured invariant
     at 80 rows, keeps 32 prompts to save time)."""
     model, tok = smollm
+    _bf16_units_or_skip(model, precision)
     n = 48 if precision == "bfloat16" else 32
     recs = [_rec(i, f"Tell me one fact about the number {i}.") for i in range(n)]
     cfg = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=3, precision=precision)
@@ -91,14 +100,14 @@ def test_sampled_answers_do_not_depend_on_the_batch_or_the_shard(smollm, precisi
     assert [r["response"] for r in shuffled] == runs[0][::-1][:5]  # nor on which prompts come with it
 
 
-@pytest.mark.parametrize("precision", ["model", pytest.param("bfloat16", marks=pytest.mark.skipif(
-    not torch.cpu._is_amx_tile_supported(), reason="bf16 is batch-invariant on AMX kernels only (resolve_precision)"))])
+@pytest.mark.parametrize("precision", ["model", "bfloat16"])
 def test_a_sampled_rows_logits_are_bit_identical_alone_and_in_any_batch(smollm, precision, monkeypatch):
     """The guarantee under the test above, where a difference cannot hide: every logit a request gets at every
     step is bit-identical at 1, 3 and 7 slots. A row's different last bit changes its sample only rarely,
     so equal answers over a few prompts prove little: MKL's float32 products round a row differently at
     different row counts on some CPUs (AMD EPYC), which changed 1 of 64 sampled answers of 48 tokens."""
     model, tok = smollm
+    _bf16_units_or_skip(model, precision)
     seen: dict[int, dict[int, list[torch.Tensor]]] = {}
     sample = Engine._sample
 
@@ -119,6 +128,24 @@ def test_a_sampled_rows_logits_are_bit_identical_alone_and_in_any_batch(smollm, 
         for seed, steps in seen[1].items():
             assert len(seen[slots][seed]) == len(steps)
             assert all(torch.equal(a, b) for a, b in zip(steps, seen[slots][seed], strict=True)), (slots, seed)
+
+
+def test_row_invariant_decode_attention_sums_bf16_scores_in_float32():
+    """The written-out decode attention with float32 keys (the engine's bf16 cache) gives torch's bf16 flash
+    attention's result to bf16 rounding, and is far closer to float32 attention than bf16 keys make it."""
+    torch.manual_seed(0)
+    layer = _Layer(None, None, None, None, None, heads=6, kv_heads=2, head_dim=32, scaling=32**-0.5)
+    q, k, v = torch.randn(5, 6, 1, 32) * 3, torch.randn(5, 2, 64, 32) * 3, torch.randn(5, 2, 64, 32)
+    mask = (torch.arange(64)[None] <= torch.tensor([3, 17, 40, 63, 0])[:, None])[:, None, None, :]
+    bf = {name: t.bfloat16() for name, t in (("q", q), ("k", k), ("v", v))}
+    exact = _sdpa(bf["q"].float(), bf["k"].float(), bf["v"].float(), layer, mask=mask, row_invariant=True)
+    flash = _sdpa(bf["q"], bf["k"], bf["v"], layer, mask=mask).float()
+    written = _sdpa(bf["q"], bf["k"].float(), bf["v"], layer, mask=mask, row_invariant=True)
+    coarse = _sdpa(bf["q"], bf["k"], bf["v"], layer, mask=mask, row_invariant=True).float()
+    assert written.dtype == torch.bfloat16 and written.shape == (5, 1, 6 * 32)
+    written = written.float()
+    assert torch.allclose(written, flash, atol=2e-2)
+    assert (written - exact).abs().mean() < 0.5 * (coarse - exact).abs().mean()
 
 
 def _pruned_tiny(tok_dir: Path, seed: int = 0):
@@ -192,13 +219,14 @@ def test_a_prepacked_product_takes_at_most_32_requests_and_one_prompt_whole(monk
     assert calls == [1]
 
 
-def test_precision_auto_is_bf16_only_for_sampling_on_amx(smollm, tmp_path):
+def test_precision_auto_is_bf16_only_for_sampling_on_bf16_units(smollm, tmp_path):
     from dadpo.engine import resolve_precision
     from dadpo.generation import generate_to_file
 
     model, _ = smollm
-    amx = torch.cpu._is_amx_tile_supported()
-    assert resolve_precision("auto", model, 0.7) == ("bfloat16" if amx else "model")
+    units = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert bf16_units(model) == units
+    assert resolve_precision("auto", model, 0.7) == ("bfloat16" if units else "model")
     assert resolve_precision("auto", model, 0.0) == "model" and resolve_precision("model", model, 0.7) == "model"
     rows = generate_to_file(model, smollm[1], [_rec(0, "Hi")], GenerationConfig(max_new_tokens=2, temperature=0.7),
                             tmp_path / "a.jsonl", model_name="m", progress=False)

@@ -15,8 +15,8 @@ Temperature = Annotated[float, Field(ge=0, allow_inf_nan=False, description="0 =
 TopP = Annotated[float, Field(gt=0, le=1, description="nucleus sampling mass")]
 BatchSize = Annotated[int, Field(ge=1, description="prompts decoded at once")]
 Precision = Annotated[Literal["auto", "model", "bfloat16"], Field(
-    description="arithmetic: auto = bf16 matmuls when sampling a float32 Llama-family model on a CPU with AMX, "
-    "else the model's dtype (greedy answers then equal model.generate's)")]
+    description="arithmetic: auto = bf16 matmuls when sampling a float32 Llama-family model on a CPU with bf16 "
+    "instructions (AMX, AVX-512 BF16), else the model's dtype (greedy answers then equal model.generate's)")]
 
 
 class DecodingConfig(BaseModel):

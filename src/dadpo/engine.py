@@ -9,15 +9,15 @@ the batch stays full until the queue runs dry, and the nucleus is looked for amo
 The decoder layer is written out here with the model's own weights, norms and rotary embedding, in the
 order transformers computes it, so float32 greedy decoding gives `model.generate`'s tokens and a dadpo
 prune with per-layer widths or a LoRA-merged student runs as is. With `bf16`, the layers' matmuls and
-attention run in bfloat16 on oneDNN-prepacked weights (CPUs with AMX do them several times faster) while
-the residual stream, the norms and the logits that decide a token stay float32.
+attention run in bfloat16 on oneDNN-prepacked weights (CPUs with AMX or AVX-512 BF16 do them faster) while
+the residual stream, the norms, the attention scores and the logits that decide a token stay float32.
 
 A sampled answer depends only on its request's seed and the decoding settings, never on the batch or slot
 it landed in: each request draws from its own random stream, and a row's arithmetic does not depend on the
-other rows (see `Engine._decode`). For that, sampling in float32 also runs on oneDNN-prepacked products and
-a written-out decode attention (`_sdpa`'s `row_invariant`): MKL's products and torch's float32 CPU attention
-round a row by how many rows share the call (measured on an AMD EPYC). `unsupported(model)` says why a model
-must go through `model.generate` instead (the reference implementation).
+other rows (see `Engine._decode`). For that, sampling on a CPU runs on oneDNN-prepacked products and a
+written-out decode attention (`_sdpa`'s `row_invariant`): MKL's float32 products and torch's CPU attention
+round a row by how many rows share the call (float32 and bf16 attention, measured on an AMD EPYC).
+`unsupported(model)` says why a model must go through `model.generate` instead (the reference implementation).
 """
 
 from __future__ import annotations
@@ -95,25 +95,29 @@ def unsupported(model) -> str | None:
 
 def resolve_precision(precision: str, model, temperature: float) -> str:
     """`auto` → `bfloat16` for sampled answers of a float32 model that the engine runs on a CPU with bf16
-    matrix units (AMX), where bf16 matmuls are several times faster and oneDNN computes every row the same
-    way in products of up to `ROW_BLOCK` requests, the most a decode step gives it (so answers stay
-    batch-invariant); `model` (the model's own dtype) otherwise, so greedy answers equal `model.generate`'s.
-    AVX512-BF16 CPUs (e.g. AMD Zen 4) are faster in bf16 too (2048³ on 2 cores: 74 → 284 GFLOP/s) but their
-    kernels round a row differently at other batch sizes, so they get bf16 only when asked for (`bfloat16`:
-    reproducible at a fixed batch size, not across them)."""
+    matrix instructions (AMX, or AVX-512 BF16 as on AMD Zen 4), where bf16 products are 2–6× faster than
+    float32 and oneDNN computes every row the same way in products of up to `ROW_BLOCK` requests, the most a
+    decode step gives it (so answers stay batch-invariant); `model` (the model's own dtype) otherwise, so
+    greedy answers equal `model.generate`'s."""
     if precision != "auto":
         return precision
-    fast_bf16 = (temperature > 0 and unsupported(model) is None and model.dtype == torch.float32
-                 and model.device.type == "cpu" and torch.backends.mkldnn.is_available()
-                 and torch.cpu._is_amx_tile_supported())
-    return "bfloat16" if fast_bf16 else "model"
+    return "bfloat16" if temperature > 0 and bf16_units(model) else "model"
+
+
+def bf16_units(model) -> bool:
+    """Whether the engine would run `model`'s products faster in bf16 here: a float32 engine model on a CPU
+    with oneDNN and AMX or AVX-512 BF16 instructions."""
+    return (unsupported(model) is None and model.dtype == torch.float32 and model.device.type == "cpu"
+            and torch.backends.mkldnn.is_available()
+            and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()))
 
 
 class _SlotCache:
-    """Per-layer K/V of every slot, `[slots, kv_heads, capacity, head_dim]`, each row from position 0."""
+    """Per-layer K/V of every slot, `[slots, kv_heads, capacity, head_dim]`, each row from position 0; keys in
+    `key_dtype` when given (float32 keys of bf16 values: scores summed and kept in float32)."""
 
-    def __init__(self, slots: int, n_layers: int):
-        self.slots = slots
+    def __init__(self, slots: int, n_layers: int, key_dtype: torch.dtype | None = None):
+        self.slots, self.key_dtype = slots, key_dtype
         self.k: list[torch.Tensor | None] = [None] * n_layers
         self.v: list[torch.Tensor | None] = [None] * n_layers
         self.capacity = 0
@@ -135,7 +139,7 @@ class _SlotCache:
         """Store a prompt's keys/values `[1, kv_heads, n, head_dim]` at the start of `slot`."""
         if self.k[layer] is None:  # first use: this layer's own head count (prunes differ per layer)
             shape = (self.slots, key.shape[1], self.capacity, key.shape[3])
-            self.k[layer], self.v[layer] = key.new_zeros(shape), value.new_zeros(shape)
+            self.k[layer], self.v[layer] = key.new_zeros(shape, dtype=self.key_dtype), value.new_zeros(shape)
         n = key.shape[2]
         self.k[layer][slot, :, :n] = key[0]
         self.v[layer][slot, :, :n] = value[0]
@@ -143,7 +147,7 @@ class _SlotCache:
     def write_step(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, key: torch.Tensor,
                    value: torch.Tensor) -> None:
         """Store one new token per active slot `[n, kv_heads, 1, head_dim]` at `positions` (`rows` = 0…n−1)."""
-        self.k[layer][rows, :, positions] = key[:, :, 0]
+        self.k[layer][rows, :, positions] = key[:, :, 0].to(self.k[layer].dtype)
         self.v[layer][rows, :, positions] = value[:, :, 0]
 
     def move(self, src: int, dst: int, length: int) -> None:
@@ -200,9 +204,9 @@ class _Linear:
 
     def _packed_product(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] == 1 and flat.dtype == torch.float32:
-            # oneDNN multiplies one float32 row another way than two or more (measured for 1,536 inputs),
-            # so a lone row goes with a copy of itself
+        if flat.shape[0] == 1:
+            # oneDNN multiplies one row another way than two or more on some CPUs (measured on an AMD EPYC for
+            # 1,536 inputs, float32 and bf16), so a lone row goes with a copy of itself
             return self._packed_product(torch.cat([flat, flat]))[:1].view(*x.shape[:-1], -1)
         return torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.parts[0][1], "none", [],
                                                   "").view(*x.shape[:-1], -1)
@@ -245,8 +249,10 @@ def _sdpa(q, k, v, layer: _Layer, *, causal: bool = False, mask: torch.Tensor | 
     """Scaled dot-product attention as transformers' sdpa integration calls it, as `[n, t, heads·head_dim]`:
     a prompt attends causally with grouped key/value heads; a decode step (one query per row, `mask` of the
     visible positions) packs each key/value head's query heads as its queries. `row_invariant` (a decode
-    step): softmax(q·kᵀ)·v written out in batched products, each row's alone, because torch's float32 CPU
-    kernel splits its sums by the number of rows and so rounds a row differently in another batch."""
+    step): softmax(q·kᵀ)·v written out in batched products, each row's alone, because torch's CPU kernel
+    (float32; bf16 on AVX-512 BF16) splits its sums by the number of rows and so rounds a row differently in
+    another batch. Scores and softmax in the keys' dtype (float32 keys for bf16 queries and values), the
+    weights cast to the values' dtype."""
     n, _, t, d = q.shape
     groups = layer.heads // layer.kv_heads
     if mask is None:
@@ -255,8 +261,9 @@ def _sdpa(q, k, v, layer: _Layer, *, causal: bool = False, mask: torch.Tensor | 
     else:
         packed = q.reshape(n, layer.kv_heads, groups, d) if groups > 1 else q
         if row_invariant:
-            scores = torch.matmul(packed, k.transpose(-1, -2)).mul_(layer.scaling).masked_fill_(~mask, -math.inf)
-            out = torch.matmul(torch.softmax(scores, -1), v)
+            scores = torch.matmul(packed.to(k.dtype), k.transpose(-1, -2)).mul_(layer.scaling)
+            scores.masked_fill_(~mask, -math.inf)
+            out = torch.matmul(torch.softmax(scores, -1).to(v.dtype), v)
         else:
             out = torch.nn.functional.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=layer.scaling)
         out = out.reshape(n, -1, t, d)
@@ -267,7 +274,8 @@ class Engine:
     """Decode requests with up to `slots` of them in flight; `stream` yields each as soon as it ends.
 
     `bf16`: the decoder layers' matmuls and attention in bfloat16 (weights copied once), the residual
-    stream, norms and the output layer in the model's float32 — for CPUs with bf16 matrix units."""
+    stream, norms, attention scores and the output layer in the model's float32 — for CPUs with bf16
+    matrix instructions (`bf16_units`)."""
 
     def __init__(self, model, end_ids: list[int], *, slots: int, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, bf16: bool = False):
@@ -282,14 +290,15 @@ class Engine:
         # sampled: prepacked products, so that a row's numbers (and its sample) never depend on the batch;
         # float32 greedy: the model's own products, whose tokens equal model.generate's
         packed = bf16 or temperature > 0
-        # bf16 attention rounds a row the same in any batch (measured); float32's on a CPU needs `_sdpa`'s
-        # row_invariant
-        self.row_invariant_attention = (packed and not bf16 and self.device.type == "cpu"
+        # torch's CPU attention rounds a row by its batch in float32 and in bf16 (AVX-512 BF16): `_sdpa`'s
+        # row_invariant instead, its scores from float32 keys in bf16 as flash attention sums them
+        self.row_invariant_attention = (packed and self.device.type == "cpu"
                                         and model.dtype == torch.float32)
         self.layers = [_Layer.of(layer, self.compute_dtype, packed)
                        for layer in model.model.layers[: model.config.num_hidden_layers]]
         self.head = _Linear([model.lm_head], self.compute_dtype, packed)
-        self.cache = _SlotCache(slots, len(self.layers))
+        self.cache = _SlotCache(slots, len(self.layers),
+                                torch.float32 if bf16 and self.row_invariant_attention else None)
 
     @torch.inference_mode()
     def stream(self, queue: deque[Request]) -> Iterator[Result]:
