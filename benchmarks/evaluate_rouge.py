@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from dadpo.decoding import DecodingConfig
 from dadpo.evaluate import EvalConfig, run_evaluate
 from dadpo.evaluate.answers import answer_file, model_slug
 from dadpo.evaluate.reference import paired_difference, prompt_scores, seed_average
@@ -57,8 +58,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int)
-    p.add_argument("--precision", default="auto", help="auto, model or bfloat16 (bf16 on a CPU without AMX or "
-                   "AVX-512 BF16: reproducible at this batch size, not across batch sizes)")
+    p.add_argument("--precision", default="auto", help=DecodingConfig.model_fields["precision"].description)
     args = p.parse_args()
     students = dict(item.split("=", 1) for item in args.students.split(","))
     config = EvalConfig.model_validate({

@@ -1,10 +1,12 @@
 """Does bf16 sampling draw from the model's float32 distribution? Samples the same prompts with the engine in
-float32 and in bf16 (each under two seeds: independent draws), scores every answer's per-token NLL under the
-float32 model, and prints each difference of means with a paired 95% bootstrap CI over prompts. If bf16 moved
-the distribution, bf16 − float32 would stand out against the seed-to-seed differences of one precision.
+float32 and in bf16, each under seeds 0 and 1, scores every answer's per-token NLL under the float32 model,
+and prints differences of means with paired 95% bootstrap CIs over prompts. Like is compared with like:
+bf16 against float32 across seeds (independent draws) next to seed 1 against seed 0 within one precision.
+Under one seed the two precisions share their uniforms, so those pairs are correlated; they are printed
+last, apart.
 
 Usage:
-    python benchmarks/sampling_precision.py [--data ../shared/data] [--prompts 128] [--skip 428]
+    python benchmarks/sampling_precision.py [--data-dir ../shared/data] [--prompts 128] [--skip 428]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def own_nll(model, prompt: list[int], answer: list[int]) -> float:
 
 def paired_ci(a: dict[int, float], b: dict[int, float], samples: int = 2000) -> tuple[float, float, float]:
     d = [a[k] - b[k] for k in sorted(set(a) & set(b))]
+    """Mean of the per-prompt differences a − b over the prompts both answered, and its 95% bootstrap CI."""
     rng = random.Random(0)
     boots = sorted(sum(rng.choice(d) for _ in d) / len(d) for _ in range(samples))
     return sum(d) / len(d), boots[int(0.025 * samples)], boots[int(0.975 * samples) - 1]
@@ -36,13 +39,14 @@ def paired_ci(a: dict[int, float], b: dict[int, float], samples: int = 2000) -> 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--data-dir", default="../shared/data")
     ap.add_argument("--prompts", type=int, default=128)
-    ap.add_argument("--skip", type=int, default=428, help="Dolly rows before the prompts (428: training rows)")
+    ap.add_argument("--skip", type=int, default=428,
+                    help="Dolly rows skipped (428: the first of the science recipe's training rows)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     args = ap.parse_args()
-    model, tok = load_model(args.model, dtype="float32")
-    rows = load_prompts(f"{args.data}/dolly15k/databricks-dolly-15k.jsonl")[args.skip:args.skip + args.prompts]
+    model, tok = load_model(args.model, dtype="float32", device="cpu")  # the engine's bf16 path is a CPU one
+    rows = load_prompts("dolly", data_dir=args.data_dir)[args.skip:args.skip + args.prompts]
     ids = [tok(chat_prompt(tok, r.messages), add_special_tokens=False)["input_ids"][-256:] for r in rows]
     nll: dict[tuple[str, int], dict[int, float]] = {}
     with torch.inference_mode():
@@ -56,10 +60,12 @@ def main():
                 scores = nll[precision, seed]
                 print(f"{precision} seed {seed}: mean per-token NLL {sum(scores.values()) / len(scores):.4f} over "
                       f"{len(scores)} answers", flush=True)
-    for name, a, b in (("bf16 - float32, seed 0", ("bfloat16", 0), ("float32", 0)),
-                       ("bf16 - float32, seed 1", ("bfloat16", 1), ("float32", 1)),
+    for name, a, b in (("bf16 seed 1 - float32 seed 0", ("bfloat16", 1), ("float32", 0)),
+                       ("bf16 seed 0 - float32 seed 1", ("bfloat16", 0), ("float32", 1)),
                        ("float32 seed 1 - seed 0", ("float32", 1), ("float32", 0)),
-                       ("bf16 seed 1 - seed 0", ("bfloat16", 1), ("bfloat16", 0))):
+                       ("bf16 seed 1 - seed 0", ("bfloat16", 1), ("bfloat16", 0)),
+                       ("same uniforms: bf16 - float32, seed 0", ("bfloat16", 0), ("float32", 0)),
+                       ("same uniforms: bf16 - float32, seed 1", ("bfloat16", 1), ("float32", 1))):
         mean, low, high = paired_ci(nll[a], nll[b])
         print(f"{name}: {mean:+.4f} [{low:+.4f}, {high:+.4f}]")
 

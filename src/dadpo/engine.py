@@ -14,10 +14,10 @@ the residual stream, the norms, the attention scores and the logits that decide 
 
 A sampled answer depends only on its request's seed and the decoding settings, never on the batch or slot
 it landed in: each request draws from its own random stream, and a row's arithmetic does not depend on the
-other rows (see `Engine._decode`). For that, sampling on a CPU runs on oneDNN-prepacked products and a
-written-out decode attention (`_sdpa`'s `row_invariant`): MKL's float32 products and torch's CPU attention
-round a row by how many rows share the call (float32 and bf16 attention, measured on an AMD EPYC).
-`unsupported(model)` says why a model must go through `model.generate` instead (the reference implementation).
+other rows (see `Engine._decode`). For that, sampling a float32 model on a CPU runs on oneDNN-prepacked
+products and a written-out decode attention (`_sdpa`'s `row_invariant`): MKL's float32 products and torch's
+CPU attention round a row by how many rows share the call (float32 and bf16 attention, measured on an AMD
+EPYC). `unsupported(model)` says why a model must go through `model.generate` instead (the reference implementation).
 """
 
 from __future__ import annotations
