@@ -117,7 +117,7 @@ def test_a_sampled_rows_logits_are_bit_identical_alone_and_in_any_batch(smollm, 
         return sample(self, hidden, rows)
 
     monkeypatch.setattr(Engine, "_sample", recording)
-    # one prompt of ~200 tokens among short ones: its row attends over a longer span than the others, so at 3
+    # one prompt of ~250 tokens among short ones: its row attends over a longer span than the others, so at 3
     # and 7 slots the rows of one span are not adjacent (the gathered-group path of `Engine._decode`)
     passage = " ".join(f"Box {i} holds {i * 7 % 13} apples." for i in range(24))
     questions = [*QUESTIONS[:3], f"{passage} Which box holds the most apples?", *QUESTIONS[3:6]]
