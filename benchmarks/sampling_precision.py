@@ -12,13 +12,13 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import random
 from collections import deque
 
 import torch
 
 from dadpo.data import chat_prompt, load_prompts
 from dadpo.engine import Engine, Request, request_seed
+from dadpo.evaluate.reference import paired_difference
 from dadpo.models import chat_end_token_ids, load_model
 
 
@@ -26,14 +26,6 @@ def own_nll(model, prompt: list[int], answer: list[int]) -> float:
     """Per-token NLL of `answer` after `prompt` under the model's own float32 forward."""
     logits = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1].float()
     return -torch.log_softmax(logits, -1).gather(-1, torch.tensor(answer)[:, None]).mean().item()
-
-
-def paired_ci(a: dict[int, float], b: dict[int, float], samples: int = 2000) -> tuple[float, float, float]:
-    d = [a[k] - b[k] for k in sorted(set(a) & set(b))]
-    """Mean of the per-prompt differences a − b over the prompts both answered, and its 95% bootstrap CI."""
-    rng = random.Random(0)
-    boots = sorted(sum(rng.choice(d) for _ in d) / len(d) for _ in range(samples))
-    return sum(d) / len(d), boots[int(0.025 * samples)], boots[int(0.975 * samples) - 1]
 
 
 def main():
@@ -66,8 +58,8 @@ def main():
                        ("bf16 seed 1 - seed 0", ("bfloat16", 1), ("bfloat16", 0)),
                        ("same uniforms: bf16 - float32, seed 0", ("bfloat16", 0), ("float32", 0)),
                        ("same uniforms: bf16 - float32, seed 1", ("bfloat16", 1), ("float32", 1))):
-        mean, low, high = paired_ci(nll[a], nll[b])
-        print(f"{name}: {mean:+.4f} [{low:+.4f}, {high:+.4f}]")
+        diff = paired_difference(nll[a], nll[b], samples=2000)
+        print(f"{name}: {diff['delta']:+.4f} [{diff['ci95'][0]:+.4f}, {diff['ci95'][1]:+.4f}]")
 
 
 if __name__ == "__main__":
