@@ -112,7 +112,7 @@ def test_a_sampled_rows_logits_are_bit_identical_alone_and_in_any_batch(smollm, 
     sample = Engine._sample
 
     def recording(self, hidden, rows):  # the logits `_sample` decides by, per request and step
-        for row, logits in zip(rows, self._logits(hidden), strict=True):
+        for row, logits in zip(rows, self._logits(hidden)[0], strict=True):
             seen[self.slots].setdefault(row.request.seed, []).append(logits)
         return sample(self, hidden, rows)
 
@@ -197,17 +197,17 @@ def test_non_uniform_prune_greedy_and_a_growing_cache(smollm_dir):
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
-def test_a_prepacked_product_takes_at_most_32_requests_and_one_prompt_whole(monkeypatch):
-    """Decode rows are requests and go in blocks of `ROW_BLOCK`; a prompt's tokens are one request and stay
-    one product, whatever its length (splitting it would round its prefill differently)."""
+def test_a_prepacked_product_takes_at_most_32_rows_and_a_float32_prompt_whole(monkeypatch):
+    """Decode rows are requests and go in blocks of `ROW_BLOCK`. A bf16 prompt's tokens do too (prompts are
+    prefilled together); a float32 prompt stays one product, whatever its length."""
     torch.manual_seed(0)
     layers = [torch.nn.Linear(16, 24), torch.nn.Linear(16, 8, bias=False)]
-    fused = _Linear(layers, torch.bfloat16, True)
-    assert fused.packed is not None
+    fused, fp32 = _Linear(layers, torch.bfloat16, True), _Linear(layers, None, True)
+    assert fused.packed is not None and fp32.packed is not None
     calls, product = [], _Linear._packed_product
 
     def counted(self, x):
-        calls.append(x.shape[0])  # requests in this product
+        calls.append(x.reshape(-1, x.shape[-1]).shape[0])  # rows in this product
         return product(self, x)
 
     monkeypatch.setattr(_Linear, "_packed_product", counted)
@@ -219,8 +219,12 @@ def test_a_prepacked_product_takes_at_most_32_requests_and_one_prompt_whole(monk
     expected = torch.nn.functional.linear(x, weight, bias)
     torch.testing.assert_close(torch.cat([gate, up], -1), expected, atol=0.05, rtol=0.02)
     calls.clear()
-    fused.whole(x.view(1, ROW_BLOCK + 8, 16))
-    assert calls == [1]
+    prompt = fused.whole(x.view(1, ROW_BLOCK + 8, 16))
+    assert calls == [ROW_BLOCK, 8] and prompt.shape == (1, ROW_BLOCK + 8, 32)
+    assert torch.equal(prompt[0], fused.whole(x)[:, 0])  # a token row is the same in a prompt or alone
+    calls.clear()
+    fp32.whole(x.view(1, ROW_BLOCK + 8, 16).float())
+    assert calls == [ROW_BLOCK + 8]
 
 
 def test_precision_auto_is_bf16_only_for_sampling_on_bf16_units(smollm, tmp_path):
@@ -237,9 +241,12 @@ def test_precision_auto_is_bf16_only_for_sampling_on_bf16_units(smollm, tmp_path
     assert rows[0]["generation"]["precision"] == resolve_precision("auto", model, 0.7)  # stamped as resolved
 
 
-def test_sample_top_p_draws_exactly_the_nucleus_distribution():
+@pytest.mark.parametrize("given, wide", [(False, None), (True, 2 * NUCLEUS_CANDIDATES), (True, 4 * NUCLEUS_CANDIDATES)])
+def test_sample_top_p_draws_exactly_the_nucleus_distribution(given, wide):
     """Inverse CDF on a fine grid of u gives each nucleus token a share equal to its renormalised probability
-    and never a token outside the nucleus; also when the nucleus is wider than the candidates searched."""
+    and never a token outside the nucleus; also when the nucleus is wider than the first candidates (found
+    here or `given` in any order, as bf16's output layer does), then found among the `wide` ones or by the
+    full sort (its ~205 tokens are past 128 and within 256)."""
     for vocab, scale in ((50, 3.0), (4 * NUCLEUS_CANDIDATES, 0.01)):
         torch.manual_seed(0)
         logits = torch.randn(vocab) * scale
@@ -248,10 +255,12 @@ def test_sample_top_p_draws_exactly_the_nucleus_distribution():
         before = probs[order].cumsum(0) - probs[order]
         nucleus = order[before < 0.8]
         if vocab > 50:
-            assert len(nucleus) > NUCLEUS_CANDIDATES  # the full-sort fallback is what is tested here
+            assert 2 * NUCLEUS_CANDIDATES < len(nucleus) <= 4 * NUCLEUS_CANDIDATES
         grid = 20000
         u = (torch.arange(grid) + 0.5) / grid
-        tokens = sample_top_p(logits.expand(grid, vocab).contiguous(), 0.8, u)
+        top = order[: min(NUCLEUS_CANDIDATES, vocab)][torch.randperm(min(NUCLEUS_CANDIDATES, vocab))]
+        tokens = sample_top_p(logits.expand(grid, vocab).contiguous(), 0.8, u,
+                              top.expand(grid, -1) if given else None, wide)
         counts = torch.bincount(tokens, minlength=vocab).double() / grid
         expected = torch.zeros(vocab, dtype=torch.double)
         expected[nucleus] = probs[nucleus].double() / probs[nucleus].sum()

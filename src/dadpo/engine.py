@@ -4,7 +4,8 @@
 of the longest prompt at every step, finished rows keep decoding, and top-p sorts the whole vocabulary.
 This engine keeps a fixed number of *slots*, each holding one request's KV cache from position 0 (no
 padding). A finished request leaves its slot at once and the next queued prompt is prefilled into it, so
-the batch stays full until the queue runs dry, and the nucleus is looked for among the top candidates.
+the batch stays full until the queue runs dry (in bf16, the prompts admitted at once are prefilled in one
+pass), and the nucleus is looked for among the top candidates.
 
 The decoder layer is written out here with the model's own weights, norms and rotary embedding, in the
 order transformers computes it, so float32 greedy decoding gives `model.generate`'s tokens and a dadpo
@@ -27,6 +28,7 @@ import math
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -38,6 +40,9 @@ BLOCK = 256
 SPAN = 64
 #: candidates searched for the top-p nucleus before a row falls back to a full sort
 NUCLEUS_CANDIDATES = 64
+#: in bf16, candidates searched next for a nucleus wider than `NUCLEUS_CANDIDATES` (float32 sorts at once, so
+#: that its sampled answers stay the ones documented so far)
+WIDE_CANDIDATES = 1024
 #: most requests one oneDNN bf16 product takes at once: up to 32 rows it computes every row as it would alone,
 #: past that some rows round differently (measured on AMX), which would make answers depend on the batch
 ROW_BLOCK = 32
@@ -169,6 +174,7 @@ class _Linear:
         self.sizes = [m.out_features for m in modules]
         self.parts = [(m.weight, m.bias) for m in modules]
         self.packed = None
+        self.token_blocks = dtype is not None
         own = modules[0].weight
         onednn = own.device.type == "cpu" and torch.backends.mkldnn.is_available()
         if dtype is not None or (packed and onednn and own.dtype == torch.float32):
@@ -194,13 +200,16 @@ class _Linear:
 
     def whole(self, x: torch.Tensor) -> torch.Tensor:
         """The projections of `x` side by side in one tensor. A prepacked product takes at most `ROW_BLOCK`
-        requests at once (one request's prompt, however long, stays one call)."""
+        rows at once: requests in float32, where a prompt's tokens stay one product (splitting them would
+        round its prefill differently from the answers documented so far); token rows in bf16, whichever
+        prompts they come from (prompts prefilled together)."""
         if self.packed is None:
             outs = [torch.nn.functional.linear(x, *p) for p in self.parts]
             return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
-        if x.shape[0] <= ROW_BLOCK:
+        rows = x.reshape(-1, 1, x.shape[-1]) if self.token_blocks else x
+        if rows.shape[0] <= ROW_BLOCK:
             return self._packed_product(x)
-        return torch.cat([self._packed_product(part) for part in x.split(ROW_BLOCK)])
+        return torch.cat([self._packed_product(part) for part in rows.split(ROW_BLOCK)]).view(*x.shape[:-1], -1)
 
     def _packed_product(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -304,48 +313,75 @@ class Engine:
     def stream(self, queue: deque[Request]) -> Iterator[Result]:
         """Yield a `Result` for every request taken from `queue` as it finishes; the caller may append new
         requests (e.g. a conversation's next turn) to `queue` between results."""
-        rows: list[_Row] = []
+        rows: list[_Row | None] = []  # by slot; None: a slot freed this step
         while queue or rows:
-            if queue and len(rows) < self.slots:
-                self.cache.reserve(max(len(r.input_ids) for r in queue) + self.max_new_tokens)
-            while queue and len(rows) < self.slots:
-                rows.append(self._prefill(queue.popleft(), len(rows)))
-            yield from self._retire(rows, queue)
+            self._admit(rows, queue)
+            while finished := [k for k, row in enumerate(rows) if row is not None and self._finished(row)]:
+                for k in finished:
+                    row, rows[k] = rows[k], None
+                    stopped = row.tokens[-1] in self.end_ids
+                    yield Result(row.request.key, row.tokens[:-1] if stopped else row.tokens, stopped)
+                self._admit(rows, queue)  # the new rows may themselves be finished (one-token answers)
+            self._compact(rows)
             if rows:
                 self._decode(rows)
-                yield from self._retire(rows, queue)
 
-    def _retire(self, rows: list[_Row], queue: deque[Request]) -> Iterator[Result]:
-        """Yield finished rows; refill their slots from the queue, else move the last row into the gap."""
+    def _finished(self, row: _Row) -> bool:
+        return row.tokens[-1] in self.end_ids or len(row.tokens) >= self.max_new_tokens
+
+    def _admit(self, rows: list[_Row | None], queue: deque[Request]) -> None:
+        """Prefill queued requests into the free slots. In bf16 they go through the layers together (its
+        products take any `ROW_BLOCK` token rows at once without changing a row); a float32 prompt is one
+        product of its own, whose rounding its length decides, so float32 admits one at a time."""
+        free = [k for k, row in enumerate(rows) if row is None] + list(range(len(rows), self.slots))
+        while queue and free:
+            n = min(len(free) if self.compute_dtype is not None else 1, len(queue))
+            slots, free = free[:n], free[n:]
+            requests = [queue.popleft() for _ in range(n)]
+            self.cache.reserve(max(len(r.input_ids) for r in requests) + self.max_new_tokens)
+            for slot, row in zip(slots, self._prefill(requests, slots), strict=True):
+                if slot < len(rows):
+                    rows[slot] = row
+                else:
+                    rows.append(row)
+
+    def _compact(self, rows: list[_Row | None]) -> None:
+        """Move the last rows into the freed slots, so that the active rows hold slots 0…n−1."""
         k = 0
-        while k < len(rows):
-            row = rows[k]
-            last = row.tokens[-1]
-            if last in self.end_ids or len(row.tokens) >= self.max_new_tokens:
-                stopped = last in self.end_ids
-                yield Result(row.request.key, row.tokens[:-1] if stopped else row.tokens, stopped)
-                if queue and len(queue[0].input_ids) + self.max_new_tokens <= self.cache.capacity:
-                    rows[k] = self._prefill(queue.popleft(), k)
-                    continue  # the new row may itself be finished (one-token answers)
+        while True:
+            while rows and rows[-1] is None:
+                rows.pop()
+            if k >= len(rows):
+                return
+            if rows[k] is None:
                 tail = rows.pop()
-                if k < len(rows):
-                    self.cache.move(len(rows), k, tail.length)
-                    rows[k] = tail
-                continue
+                self.cache.move(len(rows), k, tail.length)
+                rows[k] = tail
             k += 1
 
-    def _prefill(self, request: Request, slot: int) -> _Row:
-        ids = torch.tensor([request.input_ids], device=self.device)
-        positions = torch.arange(ids.shape[1], device=self.device)[None]
+    def _prefill(self, requests: list[Request], slots: list[int]) -> list[_Row]:
+        """Run `requests`' prompts through the model as one sequence into `slots` (each attends to its own
+        prompt only) and draw each its first token."""
+        lengths = [len(r.input_ids) for r in requests]
+        ends = list(accumulate(lengths))
+        starts = [end - n for end, n in zip(ends, lengths, strict=True)]
+        ids = torch.tensor([[t for r in requests for t in r.input_ids]], device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])[None]
 
         def attend(i: int, layer: _Layer, q, k, v):
-            self.cache.write_prompt(i, slot, k, v)
-            return _sdpa(q, k, v, layer, causal=True)
+            outs = []
+            for j, (a, b) in enumerate(zip(starts, ends, strict=True)):
+                self.cache.write_prompt(i, slots[j], k[:, :, a:b], v[:, :, a:b])
+                outs.append(_sdpa(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], layer, causal=True))
+            return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
         hidden = self._forward(ids, positions, attend)
-        row = _Row(request, torch.Generator().manual_seed(request.seed), length=ids.shape[1])
-        row.tokens.append(self._sample(hidden[:, -1], [row])[0])
-        return row
+        rows = [_Row(r, torch.Generator().manual_seed(r.seed), length=n) for r, n in zip(requests, lengths,
+                                                                                       strict=True)]
+        last = hidden[0, [end - 1 for end in ends]]
+        for row, token in zip(rows, self._sample(last, rows), strict=True):
+            row.tokens.append(token)
+        return rows
 
     def _decode(self, rows: list[_Row]) -> None:
         """One new token for every active row. Each row attends over its own span (its length rounded up to
@@ -412,41 +448,55 @@ class Engine:
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.compute_dtype is None else x.to(self.compute_dtype)
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits. In bf16 mode the output layer runs in bf16 (its logits are rounded to bf16) and the
-        top `NUCLEUS_CANDIDATES` of each row, where argmax and nucleus are decided, are recomputed exactly
-        from the float32 weights."""
+    def _logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """float32 logits, and in bf16 each row's top `NUCLEUS_CANDIDATES` ids. In bf16 the output layer runs
+        in bf16 (its logits are rounded to bf16) and those candidates, where argmax and nucleus are decided,
+        are recomputed exactly from the float32 weights."""
         if self.compute_dtype is None:
-            return self.head.whole(hidden[:, None])[:, 0].float()
+            return self.head.whole(hidden[:, None])[:, 0].float(), None
         approx = self.head(hidden[:, None].to(self.compute_dtype))[0][:, 0].float()
         top = approx.topk(NUCLEUS_CANDIDATES, dim=-1).indices
         lm = self.model.lm_head
         exact = torch.einsum("nh,nkh->nk", hidden, lm.weight[top])
         if lm.bias is not None:
             exact = exact + lm.bias[top]
-        return approx.scatter_(-1, top, exact)
+        return approx.scatter_(-1, top, exact), top
 
     def _sample(self, hidden: torch.Tensor, rows: list[_Row]) -> list[int]:
-        logits = self._logits(hidden)
+        logits, top = self._logits(hidden)
         if self.temperature == 0:
             return logits.argmax(-1).tolist()
         u = torch.cat([torch.rand(1, generator=r.generator) for r in rows]).to(logits.device)
-        return sample_top_p(logits / self.temperature, self.top_p, u).tolist()
+        if top is None:
+            return sample_top_p(logits / self.temperature, self.top_p, u).tolist()
+        return sample_top_p(logits / self.temperature, self.top_p, u, candidates=top,
+                            wide_candidates=WIDE_CANDIDATES).tolist()
 
 
-def sample_top_p(logits: torch.Tensor, top_p: float, u: torch.Tensor) -> torch.Tensor:
+def sample_top_p(logits: torch.Tensor, top_p: float, u: torch.Tensor, candidates: torch.Tensor | None = None,
+                 wide_candidates: int | None = None) -> torch.Tensor:
     """Draw one token per row from softmax(`logits`) restricted to its top-p nucleus, by inverse CDF at the
     uniform `u` (one per row). The nucleus is the most probable tokens whose mass before each is < top_p
-    (as in transformers' top-p warper); it is looked for among the top candidates and only rows whose
-    nucleus reaches past them sort the whole vocabulary."""
+    (as in transformers' top-p warper); it is looked for among each row's top `NUCLEUS_CANDIDATES` (or its
+    `candidates` ids, found by the caller), then among its top `wide_candidates`, and only rows whose nucleus
+    reaches past those sort the whole vocabulary."""
     if top_p >= 1.0:
         return _inverse_cdf(torch.softmax(logits, -1), u, None)
-    k = min(NUCLEUS_CANDIDATES, logits.shape[-1])
-    values, ids = logits.topk(k, dim=-1)
-    probs = torch.exp(values - torch.logsumexp(logits, -1, keepdim=True))
+    if candidates is None:
+        values, ids = logits.topk(min(NUCLEUS_CANDIDATES, logits.shape[-1]), dim=-1)
+    else:
+        values, order = logits.gather(-1, candidates).sort(-1, descending=True)
+        ids = candidates.gather(-1, order)
+    log_total = torch.logsumexp(logits, -1, keepdim=True)
+    probs = torch.exp(values - log_total)
     out = _inverse_cdf(_nucleus(probs, top_p), u, ids)
-    wide = (probs.sum(-1) < top_p).nonzero().flatten().tolist()
-    if wide:  # nucleus larger than the candidates: full sort for these rows
+    wide = (probs.sum(-1) < top_p).nonzero().flatten()
+    if len(wide) and wide_candidates:
+        values, ids = logits[wide].topk(min(wide_candidates, logits.shape[-1]), dim=-1)
+        probs = torch.exp(values - log_total[wide])
+        out[wide] = _inverse_cdf(_nucleus(probs, top_p), u[wide], ids)
+        wide = wide[probs.sum(-1) < top_p]
+    if len(wide):  # nucleus larger than the candidates: full sort for these rows
         values, ids = logits[wide].sort(-1, descending=True)
         probs = torch.softmax(values, -1)
         out[wide] = _inverse_cdf(_nucleus(probs, top_p), u[wide], ids)
