@@ -6,9 +6,10 @@ Usage:
 
 Answers every prompt once per seed (≤ 128 new tokens, stopping at the end-of-turn token, as evaluation
 does) twice: the seeds one after another, then all of them from one queue as evaluation does (and checks
-that both give the same answers). For each, it prints tokens/s with the wall time spent in `Engine._prefill`
-(one prompt at a time) and `Engine._decode` (one token for every active row), the number of decode steps
-and their mean active rows and attention spans (see `Engine._decode`).
+that both give the same answers). For each, it prints tokens/s with the wall time spent in
+`Engine._prefill` (the prompts admitted at once: one in float32, all free slots' in bf16) and
+`Engine._decode` (one token for every active row), the number of decode steps and their mean active rows and
+attention spans (see `Engine._decode`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from dadpo.distributed import interleave, shard
 from dadpo.engine import (
     NUCLEUS_CANDIDATES,
     ROW_BLOCK,
+    WIDE_CANDIDATES,
     Engine,
     Request,
     _Layer,
@@ -268,6 +269,62 @@ def test_sample_top_p_draws_exactly_the_nucleus_distribution(given, wide):
         assert torch.allclose(counts, expected, atol=2 / grid + 1e-6)
     full = sample_top_p(torch.tensor([[0.0, 0.0, 0.0, 0.0]]).expand(4, 4), 1.0, torch.tensor([0.1, 0.3, 0.6, 0.9]))
     assert full.tolist() == [0, 1, 2, 3]
+
+
+def test_sample_top_p_rows_of_every_kind_in_one_call_draw_as_alone():
+    """Rows whose nucleus fits the first candidates, the wide tier or only the full sort, mixed in one call:
+    each draws what it draws alone (the tiers' row bookkeeping), always inside its nucleus."""
+    torch.manual_seed(1)
+    vocab = 4 * WIDE_CANDIDATES
+    scales = [4.0, 0.02, 4.0, 0.0, 2.5, 0.02, 0.0, 3.0]  # sharp, flat (full sort), uniform, in between
+    logits = torch.stack([torch.randn(vocab) * s for s in scales])
+    u = torch.rand(len(scales))
+    candidates = logits.topk(NUCLEUS_CANDIDATES, -1).indices.flip(-1)  # given in another order
+    together = sample_top_p(logits, 0.9, u, candidates, WIDE_CANDIDATES)
+    alone = [sample_top_p(logits[i:i + 1], 0.9, u[i:i + 1], candidates[i:i + 1], WIDE_CANDIDATES).item()
+             for i in range(len(scales))]
+    assert together.tolist() == alone
+    probs = torch.softmax(logits, -1)
+    sizes = []
+    for row, token in zip(probs, alone, strict=True):
+        ordered = row.sort(descending=True).values
+        size = int(((ordered.cumsum(0) - ordered) < 0.9).sum())
+        sizes.append(size)
+        assert row[token] >= ordered[size - 1]  # inside the nucleus
+    assert min(sizes) <= NUCLEUS_CANDIDATES < sizes[4] <= WIDE_CANDIDATES < max(sizes)  # every path taken
+
+
+def test_bf16_silu_computes_each_row_as_alone_however_many_rows_come_with_it():
+    """Prompts prefilled together make one long activation tensor, which torch splits between threads where
+    the prompts' total length says, with a scalar loop there: `Engine._silu` keeps every row as it is
+    alone. Float32 values here, where a scalar and a vectorized exp differ more often than in bf16."""
+    torch.manual_seed(0)
+    engine = Engine.__new__(Engine)
+    engine.compute_dtype = torch.bfloat16
+    for tokens in (37, 53, 71, 99):
+        gate_up = torch.randn(1, tokens, 2 * 936) * 4  # the 20% prune's MLP width; gate is a strided view
+        gate = gate_up[..., :936]
+        together = engine._silu(gate)
+        alone = torch.cat([torch.nn.functional.silu(gate[:, t:t + 1]) for t in range(tokens)], 1)
+        assert torch.equal(together, alone), tokens
+
+
+@pytest.mark.parametrize("precision", ["model", "bfloat16"])
+def test_one_token_answers_free_and_refill_slots_in_the_same_step(smollm, precision):
+    """max_new_tokens=1: every admitted row is finished at once, so slots are freed and refilled (several
+    prompts at a time in bf16) before any decode step; every request still gets its one token, as alone."""
+    model, tok = smollm
+    _bf16_units_or_skip(model, precision)
+    ids = [tok(chat_prompt(tok, [{"role": "user", "content": q}]), add_special_tokens=False)["input_ids"]
+           for q in QUESTIONS]
+    got = {}
+    for slots in (1, 3, 8):
+        engine = Engine(model, chat_end_token_ids(tok), slots=slots, max_new_tokens=1, temperature=1.0,
+                        bf16=precision == "bfloat16")
+        results = list(engine.stream(deque(Request(i, x, request_seed(0, i)) for i, x in enumerate(ids))))
+        got[slots] = {r.key: (r.tokens, r.stopped) for r in results}
+        assert sorted(got[slots]) == list(range(len(ids)))
+    assert got[1] == got[3] == got[8]
 
 
 def test_other_architectures_use_model_generate_with_per_prompt_seeds(smollm_dir):

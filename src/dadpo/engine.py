@@ -38,14 +38,17 @@ FAMILIES = ("llama", "qwen2", "mistral")
 BLOCK = 256
 #: a decode step's row attends over its length rounded up to a multiple of this (a divisor of BLOCK)
 SPAN = 64
-#: candidates searched for the top-p nucleus before a row falls back to a full sort
+#: candidates searched first for the top-p nucleus (the output layer's own in bf16)
 NUCLEUS_CANDIDATES = 64
-#: in bf16, candidates searched next for a nucleus wider than `NUCLEUS_CANDIDATES` (float32 sorts at once, so
-#: that its sampled answers stay the ones documented so far)
+#: in bf16, candidates searched next for a nucleus wider than `NUCLEUS_CANDIDATES`, before a full sort (float32
+#: sorts at once, so that its sampled answers stay the ones documented so far)
 WIDE_CANDIDATES = 1024
 #: most requests one oneDNN bf16 product takes at once: up to 32 rows it computes every row as it would alone,
 #: past that some rows round differently (measured on AMX), which would make answers depend on the batch
 ROW_BLOCK = 32
+#: torch splits an elementwise op over more elements than this between threads; each piece ends in a scalar
+#: loop whose exp can round unlike the vectorized one (float32 SiLU: 4% of such elements)
+GRAIN = 32768
 
 
 def request_seed(seed: int, *parts: object) -> int:
@@ -101,7 +104,7 @@ def unsupported(model) -> str | None:
 def resolve_precision(precision: str, model, temperature: float) -> str:
     """`auto` → `bfloat16` for sampled answers of a float32 model that the engine runs on a CPU with bf16
     matrix instructions (AMX, or AVX-512 BF16 as on AMD Zen 4), where bf16 products are 2–6× faster than
-    float32 and oneDNN computes every row the same way in products of up to `ROW_BLOCK` requests, the most a
+    float32 and oneDNN computes every row the same way in products of up to `ROW_BLOCK` rows, the most a
     decode step gives it (so answers stay batch-invariant); `model` (the model's own dtype) otherwise, so
     greedy answers equal `model.generate`'s."""
     if precision != "auto":
@@ -282,9 +285,9 @@ def _sdpa(q, k, v, layer: _Layer, *, causal: bool = False, mask: torch.Tensor | 
 class Engine:
     """Decode requests with up to `slots` of them in flight; `stream` yields each as soon as it ends.
 
-    `bf16`: the decoder layers' matmuls and attention in bfloat16 (weights copied once), the residual
-    stream, norms, attention scores and the output layer in the model's float32 — for CPUs with bf16
-    matrix instructions (`bf16_units`)."""
+    `bf16`: the decoder layers' matmuls, attention values and output layer in bfloat16 (weights copied
+    once), the residual stream, norms, attention scores and each row's top candidate logits in the model's
+    float32 — for CPUs with bf16 matrix instructions (`bf16_units`)."""
 
     def __init__(self, model, end_ids: list[int], *, slots: int, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, bf16: bool = False):
@@ -363,6 +366,8 @@ class Engine:
         """Run `requests`' prompts through the model as one sequence into `slots` (each attends to its own
         prompt only) and draw each its first token."""
         lengths = [len(r.input_ids) for r in requests]
+        if not all(lengths):
+            raise ValueError(f"empty prompt for request {next(r.key for r in requests if not r.input_ids)!r}")
         ends = list(accumulate(lengths))
         starts = [end - n for end, n in zip(ends, lengths, strict=True)]
         ids = torch.tensor([[t for r in requests for t in r.input_ids]], device=self.device)
@@ -442,8 +447,20 @@ class Engine:
             hidden = hidden + layer.o(attend(i, layer, q, k, v))[0]
             x = self._cast(layer.module.post_attention_layernorm(hidden))
             gate, up = layer.gate_up(x)
-            hidden = hidden + layer.down(torch.nn.functional.silu(gate) * up)[0]
+            hidden = hidden + layer.down(self._silu(gate) * up)[0]
         return inner.norm(hidden)
+
+    def _silu(self, gate: torch.Tensor) -> torch.Tensor:
+        """SiLU; in bf16 in pieces of whole rows of at most `GRAIN` elements, each row computed as it would be
+        alone. Prompts prefilled together make one long tensor, which torch would split between threads at a
+        point set by the prompts' total length, rounding the rows there by the others in the batch. (A float32
+        prompt is prefilled alone: where it is split depends on it only.)"""
+        width = gate.shape[-1]
+        rows = gate.reshape(-1, width)
+        if self.compute_dtype is None or rows.numel() <= GRAIN:
+            return torch.nn.functional.silu(gate)
+        pieces = [torch.nn.functional.silu(piece) for piece in rows.split(max(1, GRAIN // width))]
+        return torch.cat(pieces).view(gate.shape)
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.compute_dtype is None else x.to(self.compute_dtype)
