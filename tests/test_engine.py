@@ -197,6 +197,34 @@ def test_non_uniform_prune_greedy_and_a_growing_cache(smollm_dir):
     assert got["a"] == _reference(model, tok, ["Hi"], 24)[0]
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_free_slots_are_prefilled_together_in_bf16_up_to_prefill_tokens(smollm_dir, monkeypatch, bf16):
+    """bf16 admits queued prompts into all free slots in passes of at most `PREFILL_TOKENS` prompt tokens;
+    float32 one prompt a pass. Every request is answered either way."""
+    import dadpo.engine as engine_module
+
+    model, tok = _pruned_tiny(smollm_dir)
+    ids = [tok(chat_prompt(tok, [{"role": "user", "content": q}]), add_special_tokens=False)["input_ids"]
+           for q in QUESTIONS]
+    cap = 2 * max(len(x) for x in ids)
+    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", cap)
+    passes, prefill = [], Engine._prefill
+
+    def recording(self, requests, slots):
+        passes.append(([len(r.input_ids) for r in requests], list(slots)))
+        return prefill(self, requests, slots)
+
+    monkeypatch.setattr(Engine, "_prefill", recording)
+    engine = Engine(model, chat_end_token_ids(tok), slots=5, max_new_tokens=6, temperature=1.0, bf16=bf16)
+    results = list(engine.stream(deque(Request(i, x, i) for i, x in enumerate(ids))))
+    assert sorted(r.key for r in results) == list(range(len(ids)))
+    assert sum(len(lengths) for lengths, _ in passes) == len(ids)
+    for lengths, slots in passes:
+        assert len(set(slots)) == len(slots) and all(0 <= k < 5 for k in slots)
+        assert len(lengths) == 1 or (bf16 and sum(lengths) <= cap)
+    assert (max(len(lengths) for lengths, _ in passes) >= 2) == bf16  # the cap holds two prompts or more
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
 def test_a_prepacked_product_takes_at_most_32_rows_and_a_float32_prompt_whole(monkeypatch):
     """Decode rows are requests and go in blocks of `ROW_BLOCK`. A bf16 prompt's tokens do too (prompts are

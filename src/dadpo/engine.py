@@ -49,6 +49,9 @@ ROW_BLOCK = 32
 #: torch splits an elementwise op over more elements than this between threads; each piece ends in a scalar
 #: loop whose exp can round unlike the vectorized one (float32 SiLU: 4% of such elements)
 GRAIN = 32768
+#: most prompt tokens prefilled in one pass in bf16 (a longer prompt goes alone): bounds the activations'
+#: memory when many long prompts are admitted at once
+PREFILL_TOKENS = 4096
 
 
 def request_seed(seed: int, *parts: object) -> int:
@@ -333,14 +336,19 @@ class Engine:
         return row.tokens[-1] in self.end_ids or len(row.tokens) >= self.max_new_tokens
 
     def _admit(self, rows: list[_Row | None], queue: deque[Request]) -> None:
-        """Prefill queued requests into the free slots. In bf16 they go through the layers together (its
-        products take any `ROW_BLOCK` token rows at once without changing a row); a float32 prompt is one
-        product of its own, whose rounding its length decides, so float32 admits one at a time."""
+        """Prefill queued requests into the free slots. In bf16 they go through the layers together, up to
+        `PREFILL_TOKENS` prompt tokens a pass (its products take any `ROW_BLOCK` token rows at once without
+        changing a row); a float32 prompt is one product of its own, whose rounding its length decides, so
+        float32 admits one at a time."""
         free = [k for k, row in enumerate(rows) if row is None] + list(range(len(rows), self.slots))
         while queue and free:
-            n = min(len(free) if self.compute_dtype is not None else 1, len(queue))
-            slots, free = free[:n], free[n:]
-            requests = [queue.popleft() for _ in range(n)]
+            requests = [queue.popleft()]
+            tokens = len(requests[0].input_ids)
+            while (self.compute_dtype is not None and queue and len(requests) < len(free)
+                   and tokens + len(queue[0].input_ids) <= PREFILL_TOKENS):
+                tokens += len(queue[0].input_ids)
+                requests.append(queue.popleft())
+            slots, free = free[: len(requests)], free[len(requests):]
             self.cache.reserve(max(len(r.input_ids) for r in requests) + self.max_new_tokens)
             for slot, row in zip(slots, self._prefill(requests, slots), strict=True):
                 if slot < len(rows):
