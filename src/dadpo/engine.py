@@ -43,8 +43,9 @@ NUCLEUS_CANDIDATES = 64
 #: in bf16, candidates searched next for a nucleus wider than `NUCLEUS_CANDIDATES`, before a full sort (float32
 #: sorts at once, so that its sampled answers stay the ones documented so far)
 WIDE_CANDIDATES = 1024
-#: most requests one oneDNN bf16 product takes at once: up to 32 rows it computes every row as it would alone,
-#: past that some rows round differently (measured on AMX), which would make answers depend on the batch
+#: most rows one prepacked oneDNN product takes at once (decode requests; in bf16 also prompt tokens): up to 32
+#: rows it computes every row as it would alone, past that some rows round differently (measured on AMX),
+#: which would make answers depend on the batch
 ROW_BLOCK = 32
 #: torch splits an elementwise op over more elements than this between threads; each piece ends in a scalar
 #: loop whose exp can round unlike the vectorized one (float32 SiLU: 4% of such elements)
