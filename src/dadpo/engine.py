@@ -493,10 +493,8 @@ class Engine:
         if self.temperature == 0:
             return logits.argmax(-1).tolist()
         u = torch.cat([torch.rand(1, generator=r.generator) for r in rows]).to(logits.device)
-        if top is None:
-            return sample_top_p(logits / self.temperature, self.top_p, u).tolist()
         return sample_top_p(logits / self.temperature, self.top_p, u, candidates=top,
-                            wide_candidates=WIDE_CANDIDATES).tolist()
+                            wide_candidates=None if top is None else WIDE_CANDIDATES).tolist()
 
 
 def sample_top_p(logits: torch.Tensor, top_p: float, u: torch.Tensor, candidates: torch.Tensor | None = None,
