@@ -250,7 +250,7 @@ def test_a_prepacked_product_takes_at_most_32_rows_and_a_float32_prompt_whole(mo
     calls.clear()
     prompt = fused.whole(x.view(1, ROW_BLOCK + 8, 16))
     assert calls == [ROW_BLOCK, 8] and prompt.shape == (1, ROW_BLOCK + 8, 32)
-    assert torch.equal(prompt[0], fused.whole(x)[:, 0])  # a token row is the same in a prompt or alone
+    assert torch.equal(prompt[0], fused.whole(x)[:, 0])  # a prompt's token rows come back in their order
     calls.clear()
     fp32.whole(x.view(1, ROW_BLOCK + 8, 16).float())
     assert calls == [ROW_BLOCK + 8]
