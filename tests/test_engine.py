@@ -4,6 +4,7 @@ non-uniform prunes, per-prompt sampling that no batch size changes, the nucleus 
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from pathlib import Path
 
@@ -195,6 +196,38 @@ def test_non_uniform_prune_greedy_and_a_growing_cache(smollm_dir):
     assert len(long_ids) + 24 > 256 and engine.cache.capacity >= len(long_ids) + 24
     assert got["long"] == _reference(model, tok, [long_q], 24)[0]
     assert got["a"] == _reference(model, tok, ["Hi"], 24)[0]
+
+
+@pytest.mark.parametrize("temperature, bf16", [(0.0, False), (1.0, False), (1.0, True)])
+def test_cache_memory_nothing_wrote_is_never_read(smollm_dir, monkeypatch, temperature, bf16):
+    """The cache is allocated, not zeroed. Filled with NaN instead of zeros, it gives the same answers: slots
+    refilled, rows compacted into other slots and a cache that grows for a longer prompt never read a
+    position their row did not write or clear (a NaN there would reach the logits)."""
+    from dadpo.engine import _SlotCache
+
+    model, tok = _pruned_tiny(smollm_dir)
+    ids = [tok(chat_prompt(tok, [{"role": "user", "content": q}]), add_special_tokens=False)["input_ids"]
+           for q in [*QUESTIONS, " ".join(QUESTIONS * 8)]]
+    assert len(ids[-1]) + 16 > 256  # the last prompt makes the cache grow
+    moves, move = [], _SlotCache.move
+    monkeypatch.setattr(_SlotCache, "move", lambda self, *a: moves.append(a) or move(self, *a))
+
+    def answers(fill: float, end: list[int]):
+        monkeypatch.setattr(_SlotCache, "_buffer", staticmethod(
+            lambda like, shape, dtype=None: like.new_full(shape, fill, dtype=dtype)))
+        engine = Engine(model, end, slots=3, max_new_tokens=16, temperature=temperature, bf16=bf16)
+        out = {r.key: (r.tokens, r.stopped) for r in engine.stream(
+            deque(Request(i, x, request_seed(0, i)) for i, x in enumerate(ids)))}
+        assert engine.cache.capacity > 256
+        return out
+
+    # the random model has no end of turn: these tokens, from its own answers, end rows at different steps, so
+    # rows leave mid-batch, the next prompts take their slots and the rest are compacted
+    free = answers(0.0, [])
+    end = [free[0][0][3], free[4][0][9]]
+    zeroed = answers(0.0, end)
+    assert len({len(tokens) for tokens, _ in zeroed.values()}) > 1 and moves
+    assert answers(math.nan, end) == zeroed
 
 
 @pytest.mark.parametrize("bf16", [False, True])
