@@ -17,6 +17,7 @@ from dadpo.engine import (
     NUCLEUS_CANDIDATES,
     ROW_BLOCK,
     WIDE_CANDIDATES,
+    WIDE_ROW_BLOCK,
     Engine,
     Request,
     _Layer,
@@ -259,13 +260,17 @@ def test_free_slots_are_prefilled_together_in_bf16_up_to_prefill_tokens(smollm_d
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
-def test_a_prepacked_product_takes_at_most_32_rows_and_a_float32_prompt_whole(monkeypatch):
-    """Decode rows are requests and go in blocks of `ROW_BLOCK`. A bf16 prompt's tokens do too (prompts are
-    prefilled together); a float32 prompt stays one product, whatever its length."""
+def test_a_prepacked_product_takes_at_most_its_block_of_rows_and_a_float32_prompt_whole(monkeypatch):
+    """Rows go in blocks: float32 decode rows (requests) of `ROW_BLOCK`; bf16 token rows, a prompt's as a
+    decode step's (prompts are prefilled together), of `ROW_BLOCK` on AMX and `WIDE_ROW_BLOCK` elsewhere. A
+    float32 prompt stays one product, whatever its length."""
     torch.manual_seed(0)
     layers = [torch.nn.Linear(16, 24), torch.nn.Linear(16, 8, bias=False)]
     fused, fp32 = _Linear(layers, torch.bfloat16, True), _Linear(layers, None, True)
     assert fused.packed is not None and fp32.packed is not None
+    assert fp32.block == ROW_BLOCK
+    assert fused.block == (ROW_BLOCK if torch.cpu._is_amx_tile_supported() else WIDE_ROW_BLOCK)
+    fused.block = ROW_BLOCK  # the splitting, wherever the test runs
     calls, product = [], _Linear._packed_product
 
     def counted(self, x):
@@ -287,6 +292,21 @@ def test_a_prepacked_product_takes_at_most_32_rows_and_a_float32_prompt_whole(mo
     calls.clear()
     fp32.whole(x.view(1, ROW_BLOCK + 8, 16).float())
     assert calls == [ROW_BLOCK + 8]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+def test_bf16_products_compute_a_row_the_same_in_a_block_as_in_32_row_calls(smollm):
+    """What `_Linear.block` rests on, checked on this CPU with SmolLM2's own weights: a bf16 product of up to
+    `block` token rows gives every row as calls of `ROW_BLOCK` rows do (AMX rounds rows past 32 differently,
+    so there the block is 32 and this holds trivially)."""
+    model, _ = smollm
+    torch.manual_seed(0)
+    for i in (0, 29):
+        layer = _Layer.of(model.model.layers[i], torch.bfloat16, True)
+        for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            x = (torch.randn(1, 1500, linear.packed.shape[1]) * 0.3).bfloat16()
+            blocks = torch.cat([linear._packed_product(part) for part in x[0].split(ROW_BLOCK)])
+            assert torch.equal(linear.whole(x)[0], blocks), (i, linear.sizes)
 
 
 def test_precision_auto_is_bf16_only_for_sampling_on_bf16_units(smollm, tmp_path):

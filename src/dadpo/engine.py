@@ -47,6 +47,10 @@ WIDE_CANDIDATES = 1024
 #: rows it computes every row as it would alone, past that some rows round differently (measured on AMX),
 #: which would make answers depend on the batch
 ROW_BLOCK = 32
+#: most rows one prepacked bf16 product takes at once on a CPU without AMX (AVX-512 BF16), where oneDNN computes
+#: a row the same in calls of 2–4,608 rows (measured on an AMD EPYC with SmolLM2's and its prune's weights), so a
+#: prefill's prompt tokens go in one call, ~20% faster than blocks of `ROW_BLOCK`
+WIDE_ROW_BLOCK = 4608
 #: torch splits an elementwise op over more elements than this between threads; each piece ends in a scalar
 #: loop whose exp can round unlike the vectorized one (float32 SiLU: 4% of such elements)
 GRAIN = 32768
@@ -192,14 +196,15 @@ class _Linear:
     """Projections that read one input. With the model's own weights, one product each, as transformers
     computes them. `packed`: one product for all of them on a concatenated copy (bfloat16 with `dtype`, else
     the model's float32) that oneDNN prepacks once, whose rows come out the same whatever else is in the
-    product (up to `ROW_BLOCK` rows); oneDNN also multiplies faster with it, and repacking a plain weight on
-    every call would cost about as much as the product itself."""
+    product (up to `ROW_BLOCK` rows, `WIDE_ROW_BLOCK` in bf16 without AMX); oneDNN also multiplies faster
+    with it, and repacking a plain weight on every call would cost about as much as the product itself."""
 
     def __init__(self, modules: list[torch.nn.Linear], dtype: torch.dtype | None, packed: bool):
         self.sizes = [m.out_features for m in modules]
         self.parts = [(m.weight, m.bias) for m in modules]
         self.packed = None
         self.token_blocks = dtype is not None
+        self.block = WIDE_ROW_BLOCK if self.token_blocks and not torch.cpu._is_amx_tile_supported() else ROW_BLOCK
         own = modules[0].weight
         onednn = own.device.type == "cpu" and torch.backends.mkldnn.is_available()
         if dtype is not None or (packed and onednn and own.dtype == torch.float32):
@@ -224,17 +229,18 @@ class _Linear:
         return out.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (out,)
 
     def whole(self, x: torch.Tensor) -> torch.Tensor:
-        """The projections of `x` side by side in one tensor. A prepacked product takes at most `ROW_BLOCK`
-        rows at once: requests in float32, where a prompt's tokens stay one product (splitting them would
-        round its prefill differently from the answers documented so far); token rows in bf16, whichever
-        prompts they come from (prompts prefilled together)."""
+        """The projections of `x` side by side in one tensor. A prepacked product takes at most `self.block`
+        rows at once: requests in float32 (`ROW_BLOCK`), where a prompt's tokens stay one product (splitting
+        them would round its prefill differently from the answers documented so far); token rows in bf16,
+        whichever prompts they come from (prompts prefilled together), `ROW_BLOCK` on AMX, else
+        `WIDE_ROW_BLOCK`."""
         if self.packed is None:
             outs = [torch.nn.functional.linear(x, *p) for p in self.parts]
             return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
         rows = x.reshape(-1, 1, x.shape[-1]) if self.token_blocks else x
-        if rows.shape[0] <= ROW_BLOCK:
+        if rows.shape[0] <= self.block:
             return self._packed_product(x)
-        return torch.cat([self._packed_product(part) for part in rows.split(ROW_BLOCK)]).view(*x.shape[:-1], -1)
+        return torch.cat([self._packed_product(part) for part in rows.split(self.block)]).view(*x.shape[:-1], -1)
 
     def _packed_product(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -357,9 +363,9 @@ class Engine:
 
     def _admit(self, rows: list[_Row | None], queue: deque[Request]) -> None:
         """Prefill queued requests into the free slots. In bf16 they go through the layers together, up to
-        `PREFILL_TOKENS` prompt tokens a pass (its products take any `ROW_BLOCK` token rows at once without
-        changing a row); a float32 prompt is one product of its own, whose rounding its length decides, so
-        float32 admits one at a time."""
+        `PREFILL_TOKENS` prompt tokens a pass, their products computing each token row as it would alone (in
+        blocks of `_Linear.block` rows); a float32 prompt is one product of its own, whose rounding its
+        length decides, so float32 admits one at a time."""
         free = [k for k, row in enumerate(rows) if row is None] + list(range(len(rows), self.slots))
         while queue and free:
             requests = [queue.popleft()]
