@@ -262,14 +262,15 @@ def test_free_slots_are_prefilled_together_in_bf16_up_to_prefill_tokens(smollm_d
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
 def test_a_prepacked_product_takes_at_most_its_block_of_rows_and_a_float32_prompt_whole(monkeypatch):
     """Rows go in blocks: float32 decode rows (requests) of `ROW_BLOCK`; bf16 token rows, a prompt's as a
-    decode step's (prompts are prefilled together), of `ROW_BLOCK` on AMX and `WIDE_ROW_BLOCK` elsewhere. A
-    float32 prompt stays one product, whatever its length."""
+    decode step's (prompts are prefilled together), of `WIDE_ROW_BLOCK` on AVX-512 BF16 without AMX, else
+    `ROW_BLOCK`. A float32 prompt stays one product, whatever its length."""
     torch.manual_seed(0)
     layers = [torch.nn.Linear(16, 24), torch.nn.Linear(16, 8, bias=False)]
     fused, fp32 = _Linear(layers, torch.bfloat16, True), _Linear(layers, None, True)
     assert fused.packed is not None and fp32.packed is not None
     assert fp32.block == ROW_BLOCK
-    assert fused.block == (ROW_BLOCK if torch.cpu._is_amx_tile_supported() else WIDE_ROW_BLOCK)
+    wide = torch.cpu._is_avx512_bf16_supported() and not torch.cpu._is_amx_tile_supported()
+    assert fused.block == (WIDE_ROW_BLOCK if wide else ROW_BLOCK)
     fused.block = ROW_BLOCK  # the splitting, wherever the test runs
     calls, product = [], _Linear._packed_product
 
@@ -298,7 +299,7 @@ def test_a_prepacked_product_takes_at_most_its_block_of_rows_and_a_float32_promp
 def test_bf16_products_compute_a_row_the_same_in_a_block_as_in_32_row_calls(smollm):
     """What `_Linear.block` rests on, checked on this CPU with SmolLM2's own weights: a bf16 product of up to
     `block` token rows gives every row as calls of `ROW_BLOCK` rows do (AMX rounds rows past 32 differently,
-    so there the block is 32 and this holds trivially)."""
+    so there, as on CPUs without bf16 units, the block is 32 and this holds trivially)."""
     model, _ = smollm
     torch.manual_seed(0)
     for i in (0, 29):

@@ -47,7 +47,7 @@ WIDE_CANDIDATES = 1024
 #: rows it computes every row as it would alone, past that some rows round differently (measured on AMX),
 #: which would make answers depend on the batch
 ROW_BLOCK = 32
-#: most rows one prepacked bf16 product takes at once on a CPU without AMX (AVX-512 BF16), where oneDNN computes
+#: most rows one prepacked bf16 product takes at once on a CPU with AVX-512 BF16 but no AMX, where oneDNN computes
 #: a row the same in calls of 2–4,608 rows (measured on an AMD EPYC with SmolLM2's and its prune's weights), so a
 #: prefill's prompt tokens go in one call, ~20% faster than blocks of `ROW_BLOCK`
 WIDE_ROW_BLOCK = 4608
@@ -196,15 +196,17 @@ class _Linear:
     """Projections that read one input. With the model's own weights, one product each, as transformers
     computes them. `packed`: one product for all of them on a concatenated copy (bfloat16 with `dtype`, else
     the model's float32) that oneDNN prepacks once, whose rows come out the same whatever else is in the
-    product (up to `ROW_BLOCK` rows, `WIDE_ROW_BLOCK` in bf16 without AMX); oneDNN also multiplies faster
-    with it, and repacking a plain weight on every call would cost about as much as the product itself."""
+    product (up to `ROW_BLOCK` rows; in bf16 on AVX-512 BF16 without AMX, `WIDE_ROW_BLOCK`); oneDNN also
+    multiplies faster with it, and repacking a plain weight on every call would cost about as much as the
+    product itself."""
 
     def __init__(self, modules: list[torch.nn.Linear], dtype: torch.dtype | None, packed: bool):
         self.sizes = [m.out_features for m in modules]
         self.parts = [(m.weight, m.bias) for m in modules]
         self.packed = None
         self.token_blocks = dtype is not None
-        self.block = WIDE_ROW_BLOCK if self.token_blocks and not torch.cpu._is_amx_tile_supported() else ROW_BLOCK
+        wide = torch.cpu._is_avx512_bf16_supported() and not torch.cpu._is_amx_tile_supported()
+        self.block = WIDE_ROW_BLOCK if self.token_blocks and wide else ROW_BLOCK
         own = modules[0].weight
         onednn = own.device.type == "cpu" and torch.backends.mkldnn.is_available()
         if dtype is not None or (packed and onednn and own.dtype == torch.float32):
@@ -232,8 +234,8 @@ class _Linear:
         """The projections of `x` side by side in one tensor. A prepacked product takes at most `self.block`
         rows at once: requests in float32 (`ROW_BLOCK`), where a prompt's tokens stay one product (splitting
         them would round its prefill differently from the answers documented so far); token rows in bf16,
-        whichever prompts they come from (prompts prefilled together), `ROW_BLOCK` on AMX, else
-        `WIDE_ROW_BLOCK`."""
+        whichever prompts they come from (prompts prefilled together), `WIDE_ROW_BLOCK` with AVX-512 BF16 and
+        no AMX, else `ROW_BLOCK`."""
         if self.packed is None:
             outs = [torch.nn.functional.linear(x, *p) for p in self.parts]
             return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
