@@ -43,13 +43,13 @@ NUCLEUS_CANDIDATES = 64
 #: in bf16, candidates searched next for a nucleus wider than `NUCLEUS_CANDIDATES`, before a full sort (float32
 #: sorts at once, so that its sampled answers stay the ones documented so far)
 WIDE_CANDIDATES = 1024
-#: most rows one prepacked oneDNN product takes at once (decode requests; in bf16 also prompt tokens): up to 32
-#: rows it computes every row as it would alone, past that some rows round differently (measured on AMX),
-#: which would make answers depend on the batch
+#: most rows one prepacked oneDNN product takes at once (decode requests; in bf16 also prompt tokens, except as
+#: below): up to 32 rows it computes every row as it would alone, past that some rows round differently
+#: (measured on AMX), which would make answers depend on the batch
 ROW_BLOCK = 32
-#: most rows one prepacked bf16 product takes at once on a CPU with AVX-512 BF16 but no AMX, where oneDNN computes
-#: a row the same in calls of 2–4,608 rows (measured on an AMD EPYC with SmolLM2's and its prune's weights), so a
-#: prefill's prompt tokens go in one call, ~20% faster than blocks of `ROW_BLOCK`
+#: most prompt tokens one prepacked bf16 layer product takes at once on a CPU with AVX-512 BF16 but no AMX, where
+#: oneDNN computes a row the same in calls of 2–4,608 rows (measured on an AMD EPYC with SmolLM2's and its
+#: prune's layer weights), so a prefill pass's tokens go in one call, ~20% faster than blocks of `ROW_BLOCK`
 WIDE_ROW_BLOCK = 4608
 #: torch splits an elementwise op over more elements than this between threads; each piece ends in a scalar
 #: loop whose exp can round unlike the vectorized one (float32 SiLU: 4% of such elements)
@@ -112,9 +112,9 @@ def unsupported(model) -> str | None:
 def resolve_precision(precision: str, model, temperature: float) -> str:
     """`auto` → `bfloat16` for sampled answers of a float32 model that the engine runs on a CPU with bf16
     matrix instructions (AMX, or AVX-512 BF16 as on AMD Zen 4), where bf16 products are 2–6× faster than
-    float32 and oneDNN computes every row the same way in products of up to `ROW_BLOCK` rows, the most a
-    decode step gives it (so answers stay batch-invariant); `model` (the model's own dtype) otherwise, so
-    greedy answers equal `model.generate`'s."""
+    float32 and oneDNN computes every row the same way in products of up to `ROW_BLOCK` rows (`_Linear.whole`
+    keeps to that, or to `WIDE_ROW_BLOCK` prompt tokens where that was measured), so answers stay
+    batch-invariant; `model` (the model's own dtype) otherwise, so greedy answers equal `model.generate`'s."""
     if precision != "auto":
         return precision
     return "bfloat16" if temperature > 0 and bf16_units(model) else "model"
@@ -175,7 +175,8 @@ class _SlotCache:
         self.v[layer][rows, :, positions] = value[:, :, 0]
 
     def move(self, src: int, dst: int, length: int, reach: int) -> None:
-        """Copy slot `src`'s first `length` positions into slot `dst` (compacting the active rows)."""
+        """Copy slot `src`'s first `length` positions into slot `dst` (compacting the active rows) and clear
+        `dst` from there to the row's `reach`."""
         for layer, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
             if k is not None:
                 k[dst, :, :length] = k[src, :, :length]
@@ -206,7 +207,7 @@ class _Linear:
         self.packed = None
         self.token_blocks = dtype is not None
         wide = torch.cpu._is_avx512_bf16_supported() and not torch.cpu._is_amx_tile_supported()
-        self.block = WIDE_ROW_BLOCK if self.token_blocks and wide else ROW_BLOCK
+        self.prompt_block = WIDE_ROW_BLOCK if self.token_blocks and wide else ROW_BLOCK
         own = modules[0].weight
         onednn = own.device.type == "cpu" and torch.backends.mkldnn.is_available()
         if dtype is not None or (packed and onednn and own.dtype == torch.float32):
@@ -217,9 +218,9 @@ class _Linear:
                                                                                       strict=True)]).to(weight.dtype)
             self.parts = [(weight, bias)]
             if onednn:
-                # packed for batches of 32 rows. The ROW_BLOCK limit is the kernel's, not this hint's (hints
-                # 32, 64 and 128 all round rows differently past 32); a hint of 1 does not, but it rounds
-                # prompts of more than 32 tokens differently, which would change every sampled answer
+                # packed for batches of 32 rows. On AMX the ROW_BLOCK limit is the kernel's, not this hint's
+                # (hints 32, 64 and 128 all round rows differently past 32); a hint of 1 does not, but it
+                # rounds prompts of more than 32 tokens differently, which would change every sampled answer
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
                 self.parts = [(None, bias)]  # the packed copy is the only one a product reads
 
@@ -231,18 +232,19 @@ class _Linear:
         return out.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (out,)
 
     def whole(self, x: torch.Tensor) -> torch.Tensor:
-        """The projections of `x` side by side in one tensor. A prepacked product takes at most `self.block`
-        rows at once: requests in float32 (`ROW_BLOCK`), where a prompt's tokens stay one product (splitting
-        them would round its prefill differently from the answers documented so far); token rows in bf16,
-        whichever prompts they come from (prompts prefilled together), `WIDE_ROW_BLOCK` with AVX-512 BF16 and
-        no AMX, else `ROW_BLOCK`."""
+        """The projections of `x` side by side in one tensor. A prepacked product takes at most `ROW_BLOCK`
+        rows at once: requests (a decode step's rows, the output layer's), and in float32 a prompt stays one
+        product (splitting it would round its prefill differently from the answers documented so far); in
+        bf16 a prefill's token rows, whichever prompts they come from (prompts prefilled together), go in
+        blocks of `self.prompt_block` (`WIDE_ROW_BLOCK` on AVX-512 BF16 without AMX, else `ROW_BLOCK`)."""
         if self.packed is None:
             outs = [torch.nn.functional.linear(x, *p) for p in self.parts]
             return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
-        rows = x.reshape(-1, 1, x.shape[-1]) if self.token_blocks else x
-        if rows.shape[0] <= self.block:
+        prompt = self.token_blocks and x.shape[-2] > 1
+        rows, block = (x.reshape(-1, 1, x.shape[-1]), self.prompt_block) if prompt else (x, ROW_BLOCK)
+        if rows.shape[0] <= block:
             return self._packed_product(x)
-        return torch.cat([self._packed_product(part) for part in rows.split(self.block)]).view(*x.shape[:-1], -1)
+        return torch.cat([self._packed_product(part) for part in rows.split(block)]).view(*x.shape[:-1], -1)
 
     def _packed_product(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -366,7 +368,7 @@ class Engine:
     def _admit(self, rows: list[_Row | None], queue: deque[Request]) -> None:
         """Prefill queued requests into the free slots. In bf16 they go through the layers together, up to
         `PREFILL_TOKENS` prompt tokens a pass, their products computing each token row as it would alone (in
-        blocks of `_Linear.block` rows); a float32 prompt is one product of its own, whose rounding its
+        blocks of `_Linear.prompt_block` rows); a float32 prompt is one product of its own, whose rounding its
         length decides, so float32 admits one at a time."""
         free = [k for k, row in enumerate(rows) if row is None] + list(range(len(rows), self.slots))
         while queue and free:
@@ -385,7 +387,7 @@ class Engine:
                     rows.append(row)
 
     def _reach(self, request: Request) -> int:
-        """The positions a request's decode steps read from its slot: its longest span (see `_decode`)."""
+        """How far a request's decode steps may read its slot: at least its last step's span (see `_decode`)."""
         return math.ceil((len(request.input_ids) + self.max_new_tokens) / SPAN) * SPAN
 
     def _compact(self, rows: list[_Row | None]) -> None:
