@@ -15,7 +15,6 @@ attention spans (see `Engine._decode`).
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections import Counter
 
@@ -34,7 +33,7 @@ def timed(name: str):
     def wrapper(self, *args):
         if name == "_decode":
             rows["all"] += len(args[0])
-            spans["all"] += len({math.ceil((r.length + 1) / engine.SPAN) for r in args[0]})
+            spans["all"] += len({engine._span(r.length + 1) for r in args[0]})
         t = time.perf_counter()
         out = inner(self, *args)
         seconds[name] += time.perf_counter() - t

@@ -89,6 +89,11 @@ class _Row:
     length: int = 0  # positions in this row's cache
 
 
+def _span(positions: int) -> int:
+    """The positions a decode step attends over for a row of `positions` (its length rounded up to `SPAN`)."""
+    return math.ceil(positions / SPAN) * SPAN
+
+
 def unsupported(model) -> str | None:
     """Why `model` cannot use the engine (None when it can)."""
     config = getattr(model, "config", None)
@@ -388,7 +393,7 @@ class Engine:
 
     def _reach(self, request: Request) -> int:
         """How far a request's decode steps may read its slot: at least its last step's span (see `_decode`)."""
-        return math.ceil((len(request.input_ids) + self.max_new_tokens) / SPAN) * SPAN
+        return _span(len(request.input_ids) + self.max_new_tokens)
 
     def _compact(self, rows: list[_Row | None]) -> None:
         """Move the last rows into the freed slots, so that the active rows hold slots 0…n−1."""
@@ -440,7 +445,7 @@ class Engine:
         ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
         positions = torch.tensor([r.length for r in rows], device=self.device)
         slots = torch.arange(n, device=self.device)
-        spans = [math.ceil((r.length + 1) / SPAN) * SPAN for r in rows]
+        spans = [_span(r.length + 1) for r in rows]
         groups = []
         for span in sorted(set(spans)):
             members = [k for k, s in enumerate(spans) if s == span]
