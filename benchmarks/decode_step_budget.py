@@ -22,8 +22,6 @@ products₀ / productsᵢ if nothing but the products cost anything.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 
@@ -31,7 +29,7 @@ import torch
 
 from dadpo.engine import Engine, resolve_precision
 from dadpo.models import load_model
-from generation_throughput import SAMPLE, engine_ids, prompt_sets
+from generation_throughput import SAMPLE, engine_ids, prompt_sets, write_report
 
 ROWS = 32
 
@@ -113,12 +111,7 @@ def main():
                   f"{row['vs_first']['bound_products_only']}x (nothing but products)", flush=True)
         results.append(row)
         del engine
-    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-              "torch": torch.__version__, "rows": ROWS, "max_new_tokens": args.max_new_tokens, "results": results}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    print(json.dumps(report))
+    write_report({"rows": ROWS, "max_new_tokens": args.max_new_tokens, "results": results}, args.json)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,16 @@ def agreement(a: dict[int, list[int]], b: dict[int, list[int]]) -> dict:
             "first_divergence": first}
 
 
+def write_report(report: dict, path: str | None) -> None:
+    """Print `report` as JSON with this machine and torch version first, and write it to `path` when given."""
+    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+              "torch": torch.__version__, **report}
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+    print(json.dumps(report))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2-135m-instruct", help="comma-separated model specs")
@@ -178,13 +188,8 @@ def main():
                 print(json.dumps(check), flush=True)
                 results.append(check)
         del model
-    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-              "matmul_peak_gflops": {k: round(v) for k, v in peak.items()}, "torch": torch.__version__,
-              "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "results": results}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    print(json.dumps(report))
+    write_report({"matmul_peak_gflops": {k: round(v) for k, v in peak.items()}, "batch_size": args.batch_size,
+                  "max_new_tokens": args.max_new_tokens, "results": results}, args.json)
 
 
 if __name__ == "__main__":
