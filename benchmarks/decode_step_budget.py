@@ -11,12 +11,13 @@ bf16 units), 32 slots, the 32 short prompts of `generation_throughput.py --sets 
   timed back to back outside the engine (median of `--reps`);
 - rest: step − products: attention, sampling, norms, rotary, casts, cache writes.
 
-The models load together and take turns run by run (this box's speed drifts by 5–15% between runs). For
-every model after the first it prints its decode-step speed-up over the first (the median of the run-by-run
-ratios) and the most its products can give: step₀ / (step₀ − products₀ + productsᵢ) if everything else costs
-what it costs the first model (as for a prune that keeps every key/value head: same attention reads, cache,
-output layer and op count; only the sampler's cost follows the model's distributions), and
-products₀ / productsᵢ if nothing but the products cost anything.
+The models load together and take turns run by run (in reverse order every other turn), their products
+timed in each turn, so that this box's drift (5–15% between runs) hits them alike; step, products and rest
+are medians over the turns. For every model after the first it prints its speed-up over the first (the
+median of the turn-by-turn ratios, of the decode step and of the whole 128-token run) and two estimates of
+what its products alone give, not bounds: step₀ / (step₀ − products₀ + productsᵢ) if the rest costs what it
+costs the first model (as for a prune of the same attention, cache, output layer and op count), and
+products₀ / productsᵢ if there were no rest.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def product_ms(model, engine: Engine, reps: int) -> float:
     """Milliseconds of one decode step's prepacked products at `ROWS` rows, timed alone."""
     dtype = engine.compute_dtype or model.dtype
     calls = []
-    for layer, module in zip(engine.layers, model.model.layers, strict=False):
+    for layer, module in zip(engine.layers, model.model.layers, strict=True):
         attn, mlp = module.self_attn, module.mlp
         for linear, inputs in ((layer.qkv, attn.q_proj.in_features), (layer.o, attn.o_proj.in_features),
                                (layer.gate_up, mlp.gate_proj.in_features), (layer.down, mlp.down_proj.in_features)):
@@ -69,50 +70,53 @@ def main():
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3,
-                    help="engine runs per model (each: 1 and max-new-tokens), the models taking turns")
-    ap.add_argument("--reps", type=int, default=30, help="timed passes over the products")
+                    help="turns: in each, every model runs the engine (1 and max-new-tokens) and times its products")
+    ap.add_argument("--reps", type=int, default=20, help="timed passes over the products in each turn")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     convs = prompt_sets(args.data, ["train"])["train"]
     specs = args.models.split(",")
-    models = {spec: load_model(spec, dtype="float32") for spec in specs}
-    bf16 = {spec: resolve_precision("auto", model, SAMPLE["temperature"]) == "bfloat16"
-            for spec, (model, _) in models.items()}
-    for model, tok in models.values():
+    models, engines = {}, {}
+    for spec in specs:
+        model, tok = load_model(spec, dtype="float32")
+        bf16 = resolve_precision("auto", model, SAMPLE["temperature"]) == "bfloat16"
+        models[spec] = (model, tok)
+        engines[spec] = Engine(model, [], slots=ROWS, max_new_tokens=1, bf16=bf16, **SAMPLE)  # its products
         engine_ids(model, tok, convs[:2], SAMPLE, 2, 4, [])  # warm-up
-    steps = {spec: [] for spec in specs}
-    for run in range(args.runs):  # the models take turns, so that the box's drift hits them alike
-        for spec, (model, tok) in models.items():
-            steps[spec].append(step_ms(model, tok, convs, args.max_new_tokens))
-        print(f"run {run + 1}: " + ", ".join(f"{spec} {steps[spec][-1][0]:.1f} ms" for spec in specs), flush=True)
+    runs = {spec: [] for spec in specs}  # (step ms, whole run s, products ms) per turn
+    for turn in range(args.runs):
+        for spec in specs if turn % 2 == 0 else specs[::-1]:  # every other turn in reverse: no model always first
+            model, tok = models[spec]
+            runs[spec].append((*step_ms(model, tok, convs, args.max_new_tokens),
+                               product_ms(model, engines[spec], args.reps)))
+        print(f"turn {turn + 1}: " + ", ".join(f"{spec} step {runs[spec][-1][0]:.1f} ms, products "
+                                               f"{runs[spec][-1][2]:.1f} ms" for spec in specs), flush=True)
     results = []
-    for spec, (model, _) in models.items():
-        engine = Engine(model, [], slots=ROWS, max_new_tokens=1, bf16=bf16[spec], **SAMPLE)
-        products = product_ms(model, engine, args.reps)
-        step = statistics.median(s for s, _ in steps[spec])
-        row = {"model": spec, "precision": "bfloat16" if bf16[spec] else str(model.dtype).removeprefix("torch."),
-               "params": sum(p.numel() for p in model.parameters()),
-               "step_ms": [round(s, 1) for s, _ in steps[spec]], "run_s": [round(w, 2) for _, w in steps[spec]],
-               "products_ms": round(products, 1), "rest_ms": round(step - products, 1)}
-        print(f"{spec} ({row['precision']}): step median {step:.1f} ms, products {products:.1f} ms, "
-              f"rest {step - products:.1f} ms", flush=True)
-        if results:
-            base = results[0]
-            base_step = statistics.median(base["step_ms"])
-            pairs = [b / s for (s, _), b in zip(steps[spec], base["step_ms"], strict=True)]
+    for spec in specs:
+        step, whole, products = (statistics.median(column) for column in zip(*runs[spec], strict=True))
+        rest = statistics.median(s - p for s, _, p in runs[spec])
+        row = {"model": spec, "precision": "bfloat16" if engines[spec].compute_dtype else "float32",
+               "params": sum(p.numel() for p in models[spec][0].parameters()),
+               "step_ms": [round(s, 1) for s, _, _ in runs[spec]], "run_s": [round(w, 2) for _, w, _ in runs[spec]],
+               "products_ms": [round(p, 1) for _, _, p in runs[spec]], "median_step_ms": round(step, 1),
+               "median_products_ms": round(products, 1), "median_rest_ms": round(rest, 1)}
+        print(f"{spec} ({row['precision']}): step {step:.1f} ms, products {products:.1f} ms, rest {rest:.1f} ms "
+              f"(medians)", flush=True)
+        if spec != specs[0]:
+            base = runs[specs[0]]
+            base_step, _, base_products = (statistics.median(column) for column in zip(*base, strict=True))
             row["vs_first"] = {
-                "measured_per_run": [round(r, 3) for r in pairs],
-                "measured": round(statistics.median(pairs), 3),
-                "bound_same_rest": round(base_step / (base_step - base["products_ms"] + products), 3),
-                "bound_products_only": round(base["products_ms"] / products, 3)}
-            print(f"  decode step vs {base['model']}: measured {row['vs_first']['measured']}x (median of "
-                  f"{row['vs_first']['measured_per_run']}); from its products at most "
-                  f"{row['vs_first']['bound_same_rest']}x (rest as the first's), "
-                  f"{row['vs_first']['bound_products_only']}x (nothing but products)", flush=True)
+                "step_per_run": [round(b[0] / r[0], 3) for b, r in zip(base, runs[spec], strict=True)],
+                "run_per_run": [round(b[1] / r[1], 3) for b, r in zip(base, runs[spec], strict=True)],
+                "products_if_rest_unchanged": round(base_step / (base_step - base_products + products), 3),
+                "products_if_no_rest": round(base_products / products, 3)}
+            vs = row["vs_first"]
+            vs["step"], vs["run"] = statistics.median(vs["step_per_run"]), statistics.median(vs["run_per_run"])
+            print(f"  vs {specs[0]}: decode step {vs['step']}x {vs['step_per_run']}, whole run {vs['run']}x "
+                  f"{vs['run_per_run']}; its products alone would give {vs['products_if_rest_unchanged']}x with "
+                  f"the first's rest, {vs['products_if_no_rest']}x with none", flush=True)
         results.append(row)
-        del engine
     write_report({"rows": ROWS, "max_new_tokens": args.max_new_tokens, "results": results}, args.json)
-
 
 if __name__ == "__main__":
     main()
