@@ -93,7 +93,7 @@ def main():
                                                f"{runs[spec][-1][2]:.1f} ms" for spec in specs), flush=True)
     results = []
     for spec in specs:
-        step, whole, products = (statistics.median(column) for column in zip(*runs[spec], strict=True))
+        step, _, products = (statistics.median(column) for column in zip(*runs[spec], strict=True))
         rest = statistics.median(s - p for s, _, p in runs[spec])
         row = {"model": spec, "precision": "bfloat16" if engines[spec].compute_dtype else "float32",
                "params": sum(p.numel() for p in models[spec][0].parameters()),
@@ -117,6 +117,7 @@ def main():
                   f"the first's rest, {vs['products_if_no_rest']}x with none", flush=True)
         results.append(row)
     write_report({"rows": ROWS, "max_new_tokens": args.max_new_tokens, "results": results}, args.json)
+
 
 if __name__ == "__main__":
     main()
