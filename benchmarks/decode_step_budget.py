@@ -111,7 +111,7 @@ def main():
                 "products_if_rest_unchanged": round(base_step / (base_step - base_products + products), 3),
                 "products_if_no_rest": round(base_products / products, 3)}
             vs = row["vs_first"]
-            vs["step"], vs["run"] = statistics.median(vs["step_per_run"]), statistics.median(vs["run_per_run"])
+            vs["step"], vs["run"] = (round(statistics.median(vs[f"{k}_per_run"]), 3) for k in ("step", "run"))
             print(f"  vs {specs[0]}: decode step {vs['step']}x {vs['step_per_run']}, whole run {vs['run']}x "
                   f"{vs['run_per_run']}; its products alone would give {vs['products_if_rest_unchanged']}x with "
                   f"the first's rest, {vs['products_if_no_rest']}x with none", flush=True)
