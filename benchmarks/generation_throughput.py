@@ -29,6 +29,7 @@ import torch
 from dadpo.data import chat_prompt, load_prompts
 from dadpo.engine import Engine, Request, _sdpa, request_seed, resolve_precision
 from dadpo.generation import GenerationConfig, generate_batch
+from dadpo.io import atomic_write_json
 from dadpo.models import chat_end_token_ids, load_model
 
 SAMPLE = {"temperature": 0.7, "top_p": 0.95}
@@ -118,12 +119,12 @@ def agreement(a: dict[int, list[int]], b: dict[int, list[int]]) -> dict:
 
 
 def write_report(report: dict, path: str | None) -> None:
-    """Print `report` as JSON with this machine and torch version first, and write it to `path` when given."""
+    """Print `report` as JSON with this machine and torch version first, and write it to `path` when given
+    (atomically: a killed run leaves no half-written file)."""
     report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "torch": torch.__version__, **report}
     if path:
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
+        atomic_write_json(path, report)
     print(json.dumps(report))
 
 
